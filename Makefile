@@ -1,0 +1,34 @@
+# Two commands: `make demo` and `make test`. Everything else is a detail of those.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test test-all lint bench clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.base
+	$(VENV)/bin/lmforge demo
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+test-all: $(VENV)/.dev
+	$(PY) -m pytest -q -m ""
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check lmforge tests benchmarks
+
+bench: $(VENV)/.dev
+	$(PY) benchmarks/train_bench.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,211 @@
+"""Every option of the model family and of training, in two dataclasses.
+
+A model folder's `config.json` is `ModelConfig.to_dict()`; a run's `train_config.json` is
+`TrainConfig.to_dict()`. Config files given on the command line (YAML or JSON) use the same
+field names as these dataclasses and as the CLI flags (with `-` or `_`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LmforgeError
+
+ARCHS = ("decoder", "encoder", "encoder-decoder")
+POSITIONS = ("learned", "sinusoidal", "relative", "rope", "alibi", "none")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise LmforgeError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The shape of one Transformer: decoder (GPT), encoder (BERT) or encoder-decoder."""
+
+    arch: str = "decoder"
+    vocab_size: int = 256
+    block_size: int = 256  # longest sequence the position scheme must cover
+    n_layer: int = 4  # encoder layers for encoder-decoder, otherwise the only stack
+    n_decoder_layer: int | None = None  # encoder-decoder only; defaults to n_layer
+    n_head: int = 4
+    n_kv_head: int | None = None  # grouped-query attention; None means n_head (plain MHA)
+    n_embd: int = 128
+    d_ff: int | None = None  # feed-forward width; None means 4*n_embd (8/3*n_embd for swiglu)
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    relative_distance: int = 16  # Shaw et al.: distances are clipped to [-k, k]
+    bias: bool = True  # biases in linear layers and LayerNorm
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    tie_embeddings: bool = True
+    dense_connections: bool = False  # each layer reads a projection of all earlier outputs
+    type_vocab_size: int = 0  # segment embeddings (BERT uses 2)
+    embedding_norm: bool = False  # normalise embeddings before the first layer (BERT)
+    scale_attn_by_inverse_layer_idx: bool = False  # GPT-2 option: scores / (layer index + 1)
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    mask_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_width(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.activation == "swiglu":  # keeps parameters equal to a 4x GELU MLP
+            return int(8 * self.n_embd / 3 + 63) // 64 * 64
+        return 4 * self.n_embd
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layer or self.n_layer
+
+    @property
+    def causal(self) -> bool:
+        return self.arch != "encoder"
+
+    def validate(self) -> None:
+        _check_choice("arch", self.arch, ARCHS)
+        _check_choice("position", self.position, POSITIONS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise LmforgeError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise LmforgeError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise LmforgeError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
+        if self.position == "rope" and self.head_dim % 2:
+            raise LmforgeError(f"rope needs an even head dimension; got {self.head_dim}")
+        if self.position == "sinusoidal" and self.n_embd % 2:
+            raise LmforgeError(f"sinusoidal positions need an even n_embd; got {self.n_embd}")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise LmforgeError(f"{name} must be in [0, 1); got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        return cls(**_known_fields(cls, data, "model config"))
+
+    def save(self, path: str | Path) -> None:
+        from lmforge.train.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(read_config_file(path))
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimisation, schedule, evaluation and checkpointing."""
+
+    batch_size: int = 12
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float | None = None  # floor of the cosine decay; None means lr / 10
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 turns clipping off
+    eval_every: int = 250
+    eval_batches: int = 20
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 1337
+    compile: bool = False  # costs ~50 s of compiling on a CPU; pays only in long runs
+    bf16: bool = False  # bf16 matrix products are emulated (slow) on CPUs without AMX
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    objective: str = "clm"  # clm, mlm or denoise; chosen from the arch when not given
+    mask_prob: float = 0.15
+    val_fraction: float = 0.1
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise LmforgeError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise LmforgeError(f"lr must be positive; got {self.lr}")
+        if self.warmup_steps < 0:
+            raise LmforgeError(f"warmup_steps must be >= 0; got {self.warmup_steps}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise LmforgeError(f"val_fraction must be in (0, 1); got {self.val_fraction}")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise LmforgeError(f"mask_prob must be in (0, 1); got {self.mask_prob}")
+        _check_choice("objective", self.objective, ("clm", "mlm", "denoise"))
+
+    @property
+    def lr_floor(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        return cls(**_known_fields(cls, data, "train config"))
+
+
+def _known_fields(cls, data: dict, what: str) -> dict:
+    names = {f.name for f in fields(cls)}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise LmforgeError(f"unknown {what} field(s): {', '.join(unknown)}")
+    return data
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Read a YAML or JSON mapping; any problem becomes a one-line LmforgeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # json.JSONDecodeError or yaml.YAMLError
+        raise LmforgeError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise LmforgeError(f"config file {path} must hold a mapping of option names to values")
+    return data

@@ -1,0 +1,144 @@
+"""Multi-head attention: self or cross, MHA or grouped-query, with every position scheme.
+
+One function builds the boolean mask (causal, padding) once per forward; each layer adds only
+its own position bias. Everything ends in `F.scaled_dot_product_attention`, which picks a fused
+kernel when the mask allows it (`is_causal=True`, no explicit mask).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.model.cache import LayerCache
+from lmforge.model.position import RelativePositionScores, Rotary, alibi_bias, alibi_slopes
+
+
+@dataclass
+class AttentionContext:
+    """What every layer of a stack shares for one forward pass."""
+
+    mask: torch.Tensor | None  # bool, broadcastable to (B, 1, Tq, Tk); True = may attend
+    is_causal: bool  # let SDPA apply the causal mask itself (only when mask is None)
+    position_ids: torch.Tensor | None = None  # (B or 1, Tq): token positions, for RoPE
+    q_index: torch.Tensor | None = None  # (Tq,): index of each query in the key sequence
+
+
+def build_mask(
+    q_index: torch.Tensor,
+    k_len: int,
+    causal: bool,
+    key_padding: torch.Tensor | None = None,
+    explicit: bool = False,
+) -> tuple[torch.Tensor | None, bool]:
+    """Return (mask, is_causal) for SDPA, preferring no mask at all when SDPA can do without.
+
+    key_padding: (B, Tk) bool, True at real tokens. `explicit` asks for a full mask even when
+    is_causal would do, because a score bias (ALiBi, relative) must be combined with it.
+    A padding query would see no key at all (a NaN row), so every query may see itself.
+    """
+    q_len = q_index.shape[0]
+    if key_padding is None and not explicit:
+        if not causal or q_len == 1:
+            return None, False
+        if q_len == k_len:
+            return None, True
+    k_index = torch.arange(k_len, device=q_index.device)
+    if causal:
+        mask = k_index[None, :] <= q_index[:, None]
+    else:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q_index.device)
+    if key_padding is not None:
+        mask = (mask[None] & key_padding[:, None, :].bool()) | (k_index[None, :] == q_index[:, None])
+        return mask[:, None], False
+    return mask[None, None], False
+
+
+class Attention(nn.Module):
+    def __init__(
+        self, config, layer_idx: int, causal: bool, cross: bool = False, rotary: Rotary | None = None
+    ):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.cross = cross
+        q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        if cross:
+            self.q = nn.Linear(config.n_embd, q_width, bias=config.bias)
+            self.kv = nn.Linear(config.n_embd, 2 * kv_width, bias=config.bias)
+        else:  # one fused projection: fewer, larger matrix products
+            self.qkv = nn.Linear(config.n_embd, q_width + 2 * kv_width, bias=config.bias)
+        self.proj = nn.Linear(q_width, config.n_embd, bias=config.bias)
+        self.dropout = config.attn_dropout
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer_idx + 1
+        self.causal = causal and not cross  # only ALiBi needs to know
+        self.rotary = None if cross else rotary
+        use_position = not cross
+        self.relative = (
+            RelativePositionScores(config.relative_distance, self.head_dim)
+            if use_position and config.position == "relative"
+            else None
+        )
+        if use_position and config.position == "alibi":
+            self.register_buffer("alibi", alibi_slopes(self.n_head), persistent=False)
+        else:
+            self.alibi = None
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: AttentionContext,
+        cache: LayerCache | None = None,
+        memory: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        kv_width = self.n_kv_head * self.head_dim
+        if self.cross:
+            q = self._heads(self.q(x), self.n_head)
+            if cache is not None and cache.cross is not None:
+                k, v = cache.cross
+            else:
+                k, v = (self._heads(t, self.n_kv_head) for t in self.kv(memory).split(kv_width, dim=-1))
+                if cache is not None:
+                    cache.cross = (k, v)
+        else:
+            q, k, v = self.qkv(x).split([self.n_head * self.head_dim, kv_width, kv_width], dim=-1)
+            q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+            if self.rotary is not None:
+                q, k = self.rotary(q, ctx.position_ids), self.rotary(k, ctx.position_ids)
+            if cache is not None:
+                k, v = cache.append(k, v)
+
+        mask = ctx.mask
+        bias = self._position_bias(q, ctx, k.shape[2])
+        if bias is not None:
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=ctx.is_causal and mask is None,
+            scale=self.scale,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def _position_bias(self, q: torch.Tensor, ctx: AttentionContext, k_len: int) -> torch.Tensor | None:
+        """Additive score bias from relative positions and/or ALiBi, already scaled."""
+        bias = None
+        if self.relative is not None:
+            bias = self.relative(q, ctx.q_index, k_len) * self.scale
+        if self.alibi is not None:
+            slope_bias = alibi_bias(self.alibi, ctx.q_index, k_len, self.causal).to(q.dtype)
+            bias = slope_bias if bias is None else bias + slope_bias
+        return bias

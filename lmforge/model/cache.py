@@ -1,0 +1,57 @@
+"""Key/value cache for incremental decoding.
+
+Buffers are allocated once at full length and filled in place, so a decode step copies only the
+new token's keys and values instead of concatenating the whole history (which is quadratic).
+Cross-attention keys/values depend only on the encoder output, so they are computed once and kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerCache:
+    """Self-attention keys/values of one layer, plus the cross-attention pair if the layer has one."""
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+        self.cross: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, hd) after what is cached; return views of everything so far."""
+        end = self.length + k.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"KV cache holds {self.keys.shape[2]} positions; {end} requested")
+        self.keys[:, :, self.length : end] = k
+        self.values[:, :, self.length : end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Pick batch rows (beam search keeps the surviving hypotheses)."""
+        self.keys = self.keys.index_select(0, index)
+        self.values = self.values.index_select(0, index)
+        if self.cross is not None:
+            self.cross = (self.cross[0].index_select(0, index), self.cross[1].index_select(0, index))
+
+
+class KVCache:
+    """One LayerCache per decoder layer; `length` is how many positions are already cached."""
+
+    def __init__(self, config, batch: int, max_len: int, dtype=torch.float32, device=None):
+        n_layers = config.decoder_layers if config.arch == "encoder-decoder" else config.n_layer
+        self.max_len = max_len
+        self.layers = [
+            LayerCache(batch, config.kv_heads, max_len, config.head_dim, dtype, device) for _ in range(n_layers)
+        ]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.reorder(index)

@@ -1,0 +1,39 @@
+"""Output heads: what turns hidden states into predictions for each objective."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from lmforge.model.layers import ACTIVATIONS, make_norm
+
+
+class LMHead(nn.Module):
+    """Next-token logits; its weight may be the token embedding itself (tied, as in GPT-2)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.proj = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def tie(self, embedding: nn.Embedding) -> None:
+        self.proj.weight = embedding.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden)
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-token head: a transform (dense, activation, norm), then vocabulary logits."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.n_embd, config.n_embd)
+        self.act = ACTIVATIONS["gelu" if config.activation == "swiglu" else config.activation]
+        self.norm = make_norm(config)
+        self.proj = nn.Linear(config.n_embd, config.vocab_size)
+
+    def tie(self, embedding: nn.Embedding) -> None:
+        self.proj.weight = embedding.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(self.act(self.dense(hidden))))

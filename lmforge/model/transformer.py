@@ -1,0 +1,231 @@
+"""The Transformer, top to bottom: embeddings → stacks of blocks → head.
+
+`arch` picks which stacks exist: a causal decoder (GPT), a bidirectional encoder (BERT), or
+both joined by cross-attention (the original Transformer). The same Embeddings, Stack and
+Block serve all three.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.model.attention import AttentionContext, build_mask
+from lmforge.model.cache import KVCache
+from lmforge.model.heads import LMHead, MLMHead
+from lmforge.model.layers import Block, make_norm
+from lmforge.model.position import Rotary, SinusoidalPositions
+
+
+class Embeddings(nn.Module):
+    """Adds absolute positions and segments to token vectors when the config asks for them.
+
+    The token table itself lives on the model: encoder, decoder and a tied head share it."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.position == "learned":
+            self.positions = nn.Embedding(config.block_size, config.n_embd)
+        elif config.position == "sinusoidal":
+            self.positions = SinusoidalPositions(config.block_size, config.n_embd)
+        else:
+            self.positions = None
+        self.segments = nn.Embedding(config.type_vocab_size, config.n_embd) if config.type_vocab_size else None
+        self.norm = make_norm(config) if config.embedding_norm else None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, position_ids, token_type_ids=None) -> torch.Tensor:
+        if self.positions is not None:
+            x = x + self.positions(position_ids)
+        if self.segments is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
+            x = x + self.segments(token_type_ids)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)
+
+
+class Stack(nn.Module):
+    """n blocks of one kind; optional dense connections; a final norm for pre-norm models."""
+
+    def __init__(self, config: ModelConfig, n_layers: int, causal: bool, cross: bool):
+        super().__init__()
+        self.causal = causal
+        self.explicit_mask = config.position in ("relative", "alibi")
+        rotary = Rotary(config.head_dim, config.block_size, config.rope_theta) if config.position == "rope" else None
+        self.blocks = nn.ModuleList(Block(config, i, causal, cross, rotary) for i in range(n_layers))
+        if config.dense_connections:  # layer i reads a projection of the embeddings and all i outputs
+            self.dense = nn.ModuleList(
+                nn.Linear((i + 1) * config.n_embd, config.n_embd, bias=config.bias) for i in range(1, n_layers)
+            )
+        else:
+            self.dense = None
+        self.final_norm = make_norm(config) if config.norm_position == "pre" else nn.Identity()
+
+    def context(self, q_len: int, past: int, padding, position_ids, device) -> AttentionContext:
+        q_index = torch.arange(past, past + q_len, device=device)
+        mask, is_causal = build_mask(q_index, past + q_len, self.causal, padding, self.explicit_mask)
+        return AttentionContext(mask, is_causal, position_ids, q_index)
+
+    def forward(self, x, ctx, cache: KVCache | None = None, memory=None, memory_ctx=None) -> torch.Tensor:
+        outputs = [x]
+        for i, block in enumerate(self.blocks):
+            if self.dense is not None and i > 0:
+                x = self.dense[i - 1](torch.cat(outputs, dim=-1))
+            x = block(x, ctx, cache.layers[i] if cache is not None else None, memory, memory_ctx)
+            if self.dense is not None:
+                outputs.append(x)
+        return self.final_norm(x)
+
+
+def default_position_ids(attention_mask, past: int, q_len: int, device) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded prompt starts at position 0."""
+    if attention_mask is None:
+        return torch.arange(past, past + q_len, device=device)[None]
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, past : past + q_len]
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    encoder_output: torch.Tensor | None = None
+
+
+class LanguageModel(nn.Module):
+    """A Transformer with the head its family is trained with: next-token for decoder and
+    encoder-decoder, masked-token for encoder.
+
+    Labels are aligned with the inputs (labels[t] is the target for position t); -100 is ignored.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.encoder_embed = self.encoder = self.decoder_embed = self.decoder = None
+        if config.arch in ("encoder", "encoder-decoder"):
+            self.encoder_embed = Embeddings(config)
+            self.encoder = Stack(config, config.n_layer, causal=False, cross=False)
+        if config.arch in ("decoder", "encoder-decoder"):
+            self.decoder_embed = Embeddings(config)
+            n_layers = config.decoder_layers if config.arch == "encoder-decoder" else config.n_layer
+            self.decoder = Stack(config, n_layers, causal=True, cross=config.arch == "encoder-decoder")
+        self.head = MLMHead(config) if config.arch == "encoder" else LMHead(config)
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():  # GPT-2: residual writes scaled by depth
+            if name.endswith(("attn.proj.weight", "ffn.down.weight")):
+                nn.init.normal_(param, mean=0.0, std=config.init_std / math.sqrt(2 * self.n_blocks))
+        if config.tie_embeddings:
+            self.head.tie(self.token_embedding)
+
+    @property
+    def n_blocks(self) -> int:
+        return sum(len(s.blocks) for s in (self.encoder, self.decoder) if s is not None)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """Bidirectional pass over the whole input (encoder and encoder-decoder)."""
+        T = input_ids.shape[1]
+        position_ids = torch.arange(T, device=input_ids.device)[None]
+        x = self.encoder_embed(self.token_embedding(input_ids), position_ids, token_type_ids)
+        ctx = self.encoder.context(T, 0, attention_mask, position_ids, input_ids.device)
+        return self.encoder(x, ctx)
+
+    def decode(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        cache: KVCache | None = None,
+        encoder_output=None,
+        encoder_attention_mask=None,
+    ) -> torch.Tensor:
+        """Causal pass; with a cache, input_ids are only the new tokens and attention_mask
+        covers the cached ones too."""
+        T, past = input_ids.shape[1], cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, past, T, input_ids.device)
+        x = self.decoder_embed(self.token_embedding(input_ids), position_ids)
+        ctx = self.decoder.context(T, past, attention_mask, position_ids, input_ids.device)
+        memory_ctx = None
+        if encoder_output is not None:
+            memory_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()[:, None, None, :]
+            memory_ctx = AttentionContext(memory_mask, False)
+        return self.decoder(x, ctx, cache, encoder_output, memory_ctx)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_output: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> ModelOutput:
+        """input_ids feed the decoder (decoder arch) or the encoder (the other two).
+
+        For encoder-decoder, pass decoder_input_ids; encoder_output skips re-encoding
+        (generation encodes once). last_only computes logits of the final position only.
+        """
+        arch = self.config.arch
+        if arch == "decoder":
+            hidden = self.decode(input_ids, attention_mask, position_ids, cache)
+        elif arch == "encoder":
+            hidden = self.encode(input_ids, attention_mask, token_type_ids)
+        else:
+            if encoder_output is None:
+                encoder_output = self.encode(input_ids, attention_mask, token_type_ids)
+            hidden = self.decode(
+                decoder_input_ids, decoder_attention_mask, None, cache, encoder_output, attention_mask
+            )
+        logits = self.head(hidden[:, -1:] if last_only else hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return ModelOutput(logits, loss, hidden, encoder_output)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        param = next(self.parameters())
+        return KVCache(self.config, batch, max_len, dtype=param.dtype, device=param.device)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied head counts once); optionally without embedding tables."""
+        params = {id(p): p for p in self.parameters()}
+        total = sum(p.numel() for p in params.values())
+        if exclude_embeddings:
+            for embed in (self.encoder_embed, self.decoder_embed):
+                if embed is not None:
+                    for table in (embed.positions, embed.segments):
+                        if isinstance(table, nn.Embedding):
+                            total -= table.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.token_embedding.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Matrix-product FLOPs per token (PaLM appendix B): 2N forward plus attention
+        2·2·L·d·T; training (forward + backward) is three times that."""
+        seq_len = seq_len or self.config.block_size
+        n_matmul = self.num_parameters(exclude_embeddings=True)  # a tied table is the head's matrix
+        forward = 2 * n_matmul + 4 * self.n_blocks * self.config.n_embd * seq_len
+        return 3 * forward if training else forward
