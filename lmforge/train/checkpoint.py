@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 CHECKPOINT_DIR = "checkpoints"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 TRAINER_STATE = "trainer_state.pt"
 
 
@@ -25,6 +27,7 @@ def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes private files; these are ordinary ones
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -68,3 +71,109 @@ def atomic_copy(src: str | Path, dst: str | Path) -> None:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
     _fsync_dir(dst.parent)
+
+
+MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+
+
+def model_state(model) -> dict:
+    """State dict without aliases (a tied head is the token table), contiguous for safetensors."""
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("head.proj.weight", None)
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def save_model(model, folder: str | Path, tokenizer=None, metadata: dict | None = None) -> None:
+    """Write a model folder that `load_model` (and `lmforge generate/eval`) accept."""
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    atomic_write_bytes(folder / "model.safetensors", save(model_state(model), metadata=meta))
+    model.config.save(folder / "config.json")
+    if tokenizer is not None:
+        tokenizer.save(folder / "tokenizer.json")
+
+
+def load_model(folder: str | Path, device: str = "cpu"):
+    """(model, tokenizer) from a model folder; any missing or broken file is a one-line error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from lmforge.config import ModelConfig
+    from lmforge.errors import LmforgeError
+    from lmforge.model import LanguageModel
+    from lmforge.tokenize import Tokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LmforgeError(f"model folder not found: {folder}")
+    for name in MODEL_FILES:
+        if not (folder / name).is_file():
+            raise LmforgeError(f"{folder} is not a model folder: {name} is missing")
+    config = ModelConfig.load(folder / "config.json")
+    model = LanguageModel(config)
+    try:
+        state = load_file(folder / "model.safetensors", device=device)
+    except (SafetensorError, OSError) as exc:
+        raise LmforgeError(f"cannot read {folder / 'model.safetensors'}: {exc}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_embeddings and k == "head.proj.weight")]
+    if missing or unexpected:
+        raise LmforgeError(
+            f"{folder / 'model.safetensors'} does not match config.json: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    if config.tie_embeddings:
+        model.head.tie(model.token_embedding)
+    return model.to(device).eval(), Tokenizer.load(folder / "tokenizer.json")
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder only gets its step-N name once complete)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2) -> Path:
+    """Write checkpoints/step-N as a whole (temporary folder, then one rename), then point the run
+    folder's top-level model files at it, then drop old checkpoints beyond `keep`."""
+    import torch
+
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINT_DIR
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=_mkdir(root)))
+    tmp.chmod(0o777 & ~_UMASK)
+    save_model(model, tmp, tokenizer, metadata={"step": step})
+    buffer = io.BytesIO()
+    torch.save(trainer_state, buffer)
+    atomic_write_bytes(tmp / TRAINER_STATE, buffer.getvalue())
+    if final.exists():  # re-saving a step after a resume: swap the old one out first
+        trash = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for name in MODEL_FILES:
+        atomic_copy(final / name, run_dir / name)
+    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):  # left by a run killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    import torch
+
+    return torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=False)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

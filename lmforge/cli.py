@@ -1,0 +1,235 @@
+"""`lmforge <verb>`: the command line. Each verb parses flags and calls the library; mistakes a
+user can fix end as one line on stderr with exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lmforge.errors import LmforgeError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (plus a pointer to --help), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
+    """Flags default to None so that a config file's value survives unless a flag is given."""
+    p.add_argument("--data", nargs="+", help="training text: files, folders or globs")
+    p.add_argument("--val-data", nargs="+", help="held-out text (default: the last --val-fraction of --data)")
+    p.add_argument("--config", help="YAML or JSON file whose keys are these flags' names")
+    p.add_argument("--tokenizer", help="a tokenizer.json, or 'char' / 'bpe' to train one (default bpe)")
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size when training one (default 4096)")
+    p.add_argument("--arch", choices=["decoder", "encoder", "encoder-decoder"])
+    for flag, kind in [
+        ("--n-layer", int), ("--n-head", int), ("--n-kv-head", int), ("--n-embd", int), ("--d-ff", int),
+        ("--block-size", int), ("--batch-size", int), ("--grad-accum", int), ("--lr", float),
+        ("--min-lr", float), ("--warmup-steps", int), ("--weight-decay", float), ("--grad-clip", float),
+        ("--max-steps", int), ("--eval-every", int), ("--eval-batches", int), ("--save-every", int),
+        ("--seed", int), ("--dropout", float), ("--val-fraction", float),
+    ]:
+        p.add_argument(flag, type=kind)
+    p.add_argument("--position", choices=["learned", "sinusoidal", "relative", "rope", "alibi", "none"])
+    p.add_argument("--activation", choices=["gelu", "gelu_tanh", "relu", "swiglu"])
+    p.add_argument("--norm", choices=["layernorm", "rmsnorm"])
+    p.add_argument("--norm-position", choices=["pre", "post"])
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (~50 s to compile on CPU)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (slow without AMX)")
+    p.add_argument("--dedup", action=argparse.BooleanOptionalAction, help="drop exact-duplicate documents")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show the progress bar")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--out", help="run folder (it becomes a model folder)")
+
+
+def _options(args: argparse.Namespace, skip: tuple[str, ...] = ("command", "config", "func")) -> dict:
+    """Config file values, overridden by every flag actually given."""
+    from lmforge.config import read_config_file
+
+    options = dict(read_config_file(args.config)) if getattr(args, "config", None) else {}
+    options = {k.replace("-", "_"): v for k, v in options.items()}
+    options.update({k: v for k, v in vars(args).items() if v is not None and k not in skip})
+    return options
+
+
+def cmd_pretrain(args) -> int:
+    from lmforge.train.pretrain import prepare_run
+
+    run = prepare_run(_options(args))
+    _print_run_header(run)
+    summary = run.trainer.fit()
+    _print_summary(summary, run.trainer.run_dir)
+    return 0
+
+
+def _print_run_header(run) -> None:
+    model, trainer = run.model, run.trainer
+    if run.corpus_summary:
+        print(f"corpus: {run.corpus_summary}")
+    print(
+        f"data: {len(trainer.train_store):,} train / {len(trainer.val_store):,} val tokens; "
+        f"tokenizer: {run.tokenizer.kind}, {run.tokenizer.vocab_size} tokens"
+    )
+    print(
+        f"model: {model.config.arch}, {model.num_parameters() / 1e6:.2f}M parameters, "
+        f"{model.flops_per_token() / 1e6:.1f} MFLOP per trained token"
+    )
+    if run.resumed:
+        print(f"resuming at step {trainer.step}")
+
+
+def _print_summary(summary: dict, run_dir) -> None:
+    val = summary.get("val") or {}
+    line = f"done: step {summary['step']}"
+    if val:
+        line += f", val loss {val['loss']:.4f}, perplexity {val['perplexity']:.2f}"
+    if summary["skipped_steps"]:
+        line += f", {summary['skipped_steps']} non-finite steps skipped"
+    print(f"{line}; model folder: {run_dir}")
+
+
+def cmd_tokenizer_train(args) -> int:
+    from lmforge.data.corpus import load_corpus
+    from lmforge.tokenize import Tokenizer
+
+    documents, stats = load_corpus(args.data)
+    tokenizer = Tokenizer.train(args.kind, documents, vocab_size=args.vocab_size)
+    tokenizer.save(args.out)
+    print(f"{tokenizer.kind} tokenizer, {tokenizer.vocab_size} tokens, from {stats.summary()} → {args.out}")
+    return 0
+
+
+def _generation_config(args):
+    from lmforge.generate import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        stop=tuple(args.stop or ()), seed=args.seed,
+    )
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from lmforge.generate import generate, stream
+    from lmforge.train.checkpoint import load_model
+
+    config = _generation_config(args)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model_dir)
+    prompts = args.prompt
+    if args.stream:
+        for index, prompt in enumerate(prompts):
+            if index:
+                print("\n" + "-" * 40)
+            print(prompt, end="", flush=True)
+            for pieces in stream(model, tokenizer, [prompt], config):
+                print(pieces[0], end="", flush=True)
+            print()
+        return 0
+    outputs = generate(model, tokenizer, prompts, config)
+    for index, (prompt, text) in enumerate(zip(prompts, outputs, strict=True)):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": text}))
+            continue
+        if index:
+            print("-" * 40)
+        print(prompt + text)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lmforge.evaluate.perplexity import evaluate_corpus
+    from lmforge.train.checkpoint import load_model
+
+    model, tokenizer = load_model(args.model_dir)
+    result = evaluate_corpus(model, tokenizer, args.data, batch_size=args.batch_size, max_batches=args.max_batches)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        line = f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}"
+        if "bits_per_byte" in result:
+            line += f"  bits/byte {result['bits_per_byte']:.4f}"
+        print(f"{line}  ({result['tokens']:,} tokens)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from lmforge.demo import run_demo
+
+    return run_demo(minutes=args.minutes, out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lmforge", description="Train, evaluate and generate with Transformer language models.")
+    parser.add_argument("--version", action="version", version=_version())
+    verbs = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = verbs.add_parser("demo", help="train a small model on the Python standard library's source")
+    demo.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
+    demo.add_argument("--out", default="runs/demo", help="model folder to write (default runs/demo)")
+    demo.set_defaults(func=cmd_demo)
+
+    tok = verbs.add_parser("tokenizer", help="tokenizer tools")
+    tok_verbs = tok.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
+    tok_train = tok_verbs.add_parser("train", help="train a char or byte-level BPE tokenizer")
+    tok_train.add_argument("--data", nargs="+", required=True)
+    tok_train.add_argument("--kind", choices=["char", "bpe"], required=True)
+    tok_train.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
+    tok_train.add_argument("--out", required=True, help="tokenizer.json to write")
+    tok_train.set_defaults(func=cmd_tokenizer_train)
+
+    pre = verbs.add_parser("pretrain", help="pretrain a model (causal LM, MLM or denoising)")
+    _add_pretrain_flags(pre)
+    pre.set_defaults(func=cmd_pretrain)
+
+    gen = verbs.add_parser("generate", help="generate text from a model folder")
+    gen.add_argument("model_dir")
+    gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--min-p", type=float)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--stop", action="append", help="stop at this string (repeatable)")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.set_defaults(func=cmd_generate)
+
+    ev = verbs.add_parser("eval", help="held-out loss, perplexity and bits per byte")
+    ev.add_argument("model_dir")
+    ev.add_argument("--data", nargs="+", required=True)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-batches", type=int, help="evaluate only this many batches (default: all)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def _version() -> str:
+    from lmforge import __version__
+
+    return f"lmforge {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LmforgeError as exc:
+        print(f"lmforge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmforge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

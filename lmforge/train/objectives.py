@@ -1,0 +1,59 @@
+"""Pretraining objectives: how a window of tokens becomes model inputs and labels.
+
+- clm: next-token prediction (decoder). The window sampler already yields (x, y = x shifted).
+- mlm: BERT masking (encoder): 15% of tokens chosen, 80% → <mask>, 10% random, 10% kept.
+- denoise: BART-style text infilling (encoder-decoder): spans of the source collapse into one
+  <mask> each; the decoder rebuilds the original window.
+Each returns the keyword arguments of `LanguageModel.forward`, labels included.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.data.collate import corrupt_spans, mask_tokens
+from lmforge.errors import LmforgeError
+
+DEFAULT_FOR_ARCH = {"decoder": "clm", "encoder": "mlm", "encoder-decoder": "denoise"}
+ARCHS_FOR_OBJECTIVE = {"clm": ("decoder",), "mlm": ("encoder",), "denoise": ("encoder-decoder",)}
+
+
+class Objective:
+    def __init__(self, name: str, config: ModelConfig, mask_prob: float = 0.15):
+        if config.arch not in ARCHS_FOR_OBJECTIVE[name]:
+            raise LmforgeError(f"objective {name} does not fit arch {config.arch}; use {DEFAULT_FOR_ARCH[config.arch]}")
+        if name in ("mlm", "denoise") and config.mask_token_id is None:
+            raise LmforgeError(f"objective {name} needs a <mask> token in the tokenizer")
+        self.name, self.config, self.mask_prob = name, config, mask_prob
+        self.special_ids = [
+            i for i in (config.pad_token_id, config.eos_token_id, config.bos_token_id, config.mask_token_id)
+            if i is not None
+        ]
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> dict:
+        if self.name == "clm":
+            return {"input_ids": x, "labels": y}
+        whole = (y != -100).all(dim=1)  # evaluation pads its last window; these objectives skip it
+        x, y = x[whole], y[whole]
+        window = torch.cat([x, y[:, -1:]], dim=1)  # the full block+1 tokens
+        if self.name == "mlm":
+            inputs, labels = mask_tokens(
+                window[:, :-1], self.config.mask_token_id, self.config.vocab_size, self.mask_prob,
+                generator, self.special_ids,
+            )
+            return {"input_ids": inputs, "labels": labels}
+        source = corrupt_spans(window[:, :-1], self.config.mask_token_id, self.mask_prob, generator)
+        attention_mask = (source != -1).long()
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        source = source.masked_fill(source == -1, pad)
+        start = self.config.decoder_start_token_id
+        start = start if start is not None else (self.config.eos_token_id or 0)
+        target = window[:, :-1]
+        decoder_input = torch.cat([torch.full_like(target[:, :1], start), target[:, :-1]], dim=1)
+        return {
+            "input_ids": source,
+            "attention_mask": attention_mask,
+            "decoder_input_ids": decoder_input,
+            "labels": target,
+        }

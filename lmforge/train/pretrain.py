@@ -1,0 +1,140 @@
+"""Pretraining end to end: corpus → tokenizer → token store → model → Trainer.
+
+The CLI's `pretrain` and `demo` are thin wrappers over `prepare_run` and `Trainer.fit`. A run
+folder remembers its data paths (`run.json`), model (`config.json`), tokenizer and training
+options, so `--resume` needs nothing but the folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from lmforge.config import ModelConfig, TrainConfig
+from lmforge.data.corpus import load_corpus
+from lmforge.data.store import build_token_stores
+from lmforge.errors import LmforgeError
+from lmforge.model import LanguageModel
+from lmforge.tokenize import Tokenizer
+from lmforge.train.checkpoint import atomic_write_text, checkpoint_dirs
+from lmforge.train.objectives import DEFAULT_FOR_ARCH
+from lmforge.train.trainer import Trainer
+
+MODEL_FIELDS = {f.name for f in fields(ModelConfig)}
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+RUN_FIELDS = {"data", "val_data", "tokenizer", "vocab_size", "dedup", "out", "resume"}
+DEFAULT_TOKENIZER = "bpe"
+DEFAULT_BPE_VOCAB = 4096
+
+
+@dataclass
+class Run:
+    trainer: Trainer
+    model: LanguageModel
+    tokenizer: Tokenizer
+    resumed: bool
+    corpus_summary: str
+
+
+def split_options(options: dict) -> tuple[dict, dict, dict]:
+    """Sort flat options (CLI flags and config-file keys share names) into run/model/train."""
+    options = {k.replace("-", "_"): v for k, v in options.items() if v is not None}
+    unknown = sorted(set(options) - MODEL_FIELDS - TRAIN_FIELDS - RUN_FIELDS)
+    if unknown:
+        raise LmforgeError(f"unknown option(s): {', '.join(unknown)}")
+    run = {k: v for k, v in options.items() if k in RUN_FIELDS}
+    model = {k: v for k, v in options.items() if k in MODEL_FIELDS}
+    train = {k: v for k, v in options.items() if k in TRAIN_FIELDS}
+    return run, model, train
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list | tuple) else [str(value)]
+
+
+def _tokenizer_for(spec: str | None, vocab_size: int | None, documents: list[str]) -> Tokenizer:
+    spec = spec or DEFAULT_TOKENIZER
+    if spec == "char":
+        return Tokenizer.train("char", documents)
+    if spec == "bpe":
+        return Tokenizer.train("bpe", documents, vocab_size=vocab_size or DEFAULT_BPE_VOCAB)
+    return Tokenizer.load(spec)
+
+
+def prepare_run(options: dict, documents: list[str] | None = None, summary: str = "") -> Run:
+    """Build (or rebuild, with resume) everything a training run needs; nothing is trained yet.
+
+    `documents` lets a caller (the demo) supply an already-loaded corpus instead of paths."""
+    run_opts, model_opts, train_opts = split_options(options)
+    if not run_opts.get("out"):
+        raise LmforgeError("--out is required: the run folder to write")
+    out = Path(run_opts["out"])
+    resume = bool(run_opts.get("resume"))
+    has_checkpoint = bool(checkpoint_dirs(out))
+    if has_checkpoint and not resume:
+        raise LmforgeError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    saved_run = _read_json(out / "run.json") if resume and has_checkpoint else {}
+    for key in ("data", "val_data", "dedup"):
+        run_opts.setdefault(key, saved_run.get(key))
+    if resume and has_checkpoint:
+        train_opts = {**_read_json(out / "train_config.json"), **train_opts}
+        model_opts = {**_read_json(out / "config.json"), **model_opts}
+
+    if documents is None:
+        paths = _as_list(run_opts.get("data"))
+        if not paths:
+            raise LmforgeError("--data is required: a file, folder or glob of training text")
+        documents, stats = load_corpus(paths, dedup=bool(run_opts.get("dedup")))
+        summary = stats.summary()
+    val_documents = None
+    if run_opts.get("val_data"):
+        val_documents, _ = load_corpus(_as_list(run_opts["val_data"]), dedup=bool(run_opts.get("dedup")))
+
+    if resume and has_checkpoint:
+        tokenizer = Tokenizer.load(out / "tokenizer.json")
+    else:
+        tokenizer = _tokenizer_for(run_opts.get("tokenizer"), run_opts.get("vocab_size"), documents)
+    model_opts = {**_token_ids(tokenizer), **model_opts, "vocab_size": tokenizer.vocab_size}
+    model_opts.setdefault("arch", "decoder")
+    train_opts.setdefault("objective", DEFAULT_FOR_ARCH.get(model_opts["arch"], "clm"))
+    model_config = ModelConfig.from_dict(model_opts)
+    train_config = TrainConfig.from_dict(train_opts)
+
+    train_store, val_store = build_token_stores(
+        documents, tokenizer, val_fraction=train_config.val_fraction, val_documents=val_documents
+    )
+    torch.manual_seed(train_config.seed)
+    model = LanguageModel(model_config)
+    trainer = Trainer(model, train_config, train_store, val_store, out, tokenizer)
+    resumed = trainer.resume() if resume else False
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "train_config.json", json.dumps(train_config.to_dict(), indent=2) + "\n")
+    run_record = {k: run_opts.get(k) for k in ("data", "val_data", "dedup")}
+    atomic_write_text(out / "run.json", json.dumps(run_record, indent=2) + "\n")
+    model_config.save(out / "config.json")
+    tokenizer.save(out / "tokenizer.json")
+    return Run(trainer, model, tokenizer, resumed, summary)
+
+
+def _token_ids(tokenizer: Tokenizer) -> dict:
+    return {
+        "pad_token_id": tokenizer.pad_id,
+        "eos_token_id": tokenizer.eos_id,
+        "bos_token_id": tokenizer.bos_id,
+        "mask_token_id": tokenizer.mask_id,
+        "decoder_start_token_id": tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id,
+    }
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise LmforgeError(f"cannot parse {path}: {exc}") from None

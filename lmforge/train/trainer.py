@@ -1,0 +1,228 @@
+"""The training loop every objective reuses.
+
+AdamW (no decay on norms, biases, embeddings), linear warm-up then cosine decay, gradient
+accumulation and clipping, optional bf16 autocast and torch.compile, periodic evaluation,
+atomic checkpoints, exact resume, and a guard against non-finite steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lmforge.config import TrainConfig
+from lmforge.data.collate import WindowSampler, eval_windows
+from lmforge.errors import LmforgeError
+from lmforge.train.checkpoint import atomic_write_text, checkpoint_dirs, load_trainer_state, save_checkpoint
+from lmforge.train.objectives import Objective
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def configure_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Decay only the matrices of linear layers: norms, biases and embeddings keep their scale."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (decay if param.dim() >= 2 and id(param) not in embedding_ids else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    kwargs = {"lr": config.lr, "betas": (config.beta1, config.beta2)}
+    try:  # the fused kernel does the whole update in one pass over memory
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to lr, then cosine decay to the floor at max_steps."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / (config.warmup_steps + 1)
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.lr_floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.lr_floor)
+
+
+class Trainer:
+    def __init__(self, model, config: TrainConfig, train_store, val_store, run_dir, tokenizer, objective=None):
+        self.model, self.config, self.tokenizer = model, config, tokenizer
+        self.run_dir = Path(run_dir)
+        self.train_store, self.val_store = train_store, val_store
+        self.objective = objective or Objective(config.objective, model.config, config.mask_prob)
+        block = model.config.block_size
+        self.sampler = WindowSampler(train_store, block, config.batch_size, config.seed)
+        WindowSampler(val_store, block, 1, config.seed)  # same one-line error for a too-short val split
+        self.generator = torch.Generator().manual_seed(config.seed + 1)  # masking noise, separate stream
+        self.optimizer = configure_optimizer(model, config)
+        self.step = 0
+        self.bad_steps = 0  # all non-finite steps skipped so far
+        self.bad_in_a_row = 0
+        self.forward = self._compiled_forward() if config.compile else model
+        self.autocast = (
+            torch.autocast(device_type="cpu", dtype=torch.bfloat16) if config.bf16 else nullcontext()
+        )
+        self.tokens_per_step = config.batch_size * config.grad_accum * block
+
+    # -- one optimisation step ------------------------------------------------------------
+    def train_step(self) -> dict:
+        """Accumulate grad_accum micro-batches, then clip and update; skip the update (and count
+        it) if the loss or gradient is not finite."""
+        self.model.train()
+        lr = lr_at(self.step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total, finite = 0.0, True
+        for _ in range(self.config.grad_accum):
+            x, y = self.sampler.next_batch()
+            batch = self.objective.batch(x, y, self.generator)
+            with self.autocast:
+                loss = self._run(batch).loss / self.config.grad_accum
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            total += loss.item()
+        grad_norm = float("nan")
+        if finite:
+            clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+        else:
+            self.bad_steps += 1
+            self.bad_in_a_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "loss": total if finite else float("nan"), "lr": lr,
+                "grad_norm": grad_norm, "skipped": not finite}
+
+    def _run(self, batch: dict):
+        try:
+            return self.forward(**batch)
+        except Exception as exc:  # a compiler failure shows up at the first call
+            if self.forward is self.model:
+                raise
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}); continuing without it", stacklevel=2)
+            self.forward = self.model
+            return self.model(**batch)
+
+    def _compiled_forward(self):
+        try:
+            return torch.compile(self.model)
+        except Exception as exc:  # e.g. no compiler on this platform
+            warnings.warn(f"torch.compile unavailable ({type(exc).__name__}); running eagerly", stacklevel=2)
+            return self.model
+
+    # -- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> dict:
+        from lmforge.evaluate.perplexity import evaluate_store
+
+        return evaluate_store(
+            self.model, self.val_store, self.objective, self.config.batch_size,
+            max_batches=max_batches or self.config.eval_batches, seed=self.config.seed,
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "bad_steps": self.bad_steps,
+            "train_config": self.config.to_dict(),
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.run_dir, self.step, self.model, self.tokenizer, self.state_dict(), self.config.keep_checkpoints
+        )
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint; False if there is none."""
+        found = checkpoint_dirs(self.run_dir)
+        if not found:
+            return False
+        from safetensors.torch import load_file
+
+        state = load_trainer_state(found[-1])
+        self.model.load_state_dict(load_file(found[-1] / "model.safetensors"), strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.bad_steps = state["step"], state["bad_steps"]
+        self._truncate_metrics(self.step)
+        return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Forget metrics a crashed run logged after its last checkpoint: they will be redone."""
+        path = self.run_dir / METRICS_FILE
+        if path.exists():
+            lines = path.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def log(self, record: dict) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self, until: int | None = None) -> dict:
+        """Train to max_steps (or to `until`, for tests and time-boxed runs); returns a summary."""
+        from tqdm.auto import tqdm
+
+        config, end = self.config, min(until or self.config.max_steps, self.config.max_steps)
+        bar = tqdm(total=config.max_steps, initial=self.step, disable=not config.progress,
+                   unit="step", dynamic_ncols=True, leave=True)
+        last_eval: dict = {}
+        started, start_step, window_loss, window_n = time.perf_counter(), self.step, 0.0, 0
+        while self.step < end:
+            result = self.train_step()
+            if result["skipped"]:
+                bar.write(f"step {self.step}: non-finite loss or gradient, update skipped")
+                if self.bad_in_a_row >= config.max_bad_steps:
+                    bar.close()
+                    raise LmforgeError(
+                        f"training stopped: {self.bad_in_a_row} non-finite steps in a row at step {self.step}; "
+                        f"the last good checkpoint is in {self.run_dir}; try a lower --lr"
+                    )
+            else:
+                window_loss, window_n = window_loss + result["loss"], window_n + 1
+            elapsed = time.perf_counter() - started
+            tokens_per_s = (self.step - start_step) * self.tokens_per_step / max(elapsed, 1e-9)
+            if self.step % config.log_every == 0 or self.step == end:
+                train_loss = window_loss / max(window_n, 1)
+                self.log({"step": self.step, "split": "train", "loss": train_loss, "lr": result["lr"],
+                          "grad_norm": result["grad_norm"], "tokens_per_s": tokens_per_s,
+                          "skipped_total": self.bad_steps})
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                                **({"val_ppl": f"{last_eval['perplexity']:.2f}"} if last_eval else {}))
+                window_loss, window_n = 0.0, 0
+            if self.step % config.eval_every == 0 or self.step == config.max_steps:
+                last_eval = self.evaluate()
+                self.log({"step": self.step, "split": "val", **last_eval})
+                bar.write(f"step {self.step}: val loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.2f}")
+            if self.step % config.save_every == 0 or self.step == end:
+                self.save()
+            bar.update(1)
+        bar.close()
+        return {"step": self.step, "skipped_steps": self.bad_steps, "val": last_eval,
+                "seconds": time.perf_counter() - started}
