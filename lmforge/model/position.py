@@ -34,23 +34,27 @@ class SinusoidalPositions(nn.Module):
 
 
 class Rotary(nn.Module):
-    """RoPE: rotates each (even, odd) pair of query/key features by an angle proportional to position,
-    so q·k depends only on the distance between the two positions."""
+    """RoPE: rotates feature pairs of queries and keys by an angle proportional to position, so
+    q·k depends only on the distance between the two positions.
+
+    Pairs are (i, i + d/2), the "rotate half" layout of GPT-NeoX and Llama: two slices and one
+    concatenation, cheaper than interleaved (even, odd) pairs."""
 
     def __init__(self, head_dim: int, n_positions: int, theta: float = 10000.0):
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """x: (batch, heads, time, head_dim); position_ids: (batch or 1, time)."""
-        cos = self.cos[position_ids].unsqueeze(1).to(x.dtype)  # (B, 1, T, hd/2)
+        cos = self.cos[position_ids].unsqueeze(1).to(x.dtype)  # (B, 1, T, hd)
         sin = self.sin[position_ids].unsqueeze(1).to(x.dtype)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-        return rotated.flatten(-2)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:

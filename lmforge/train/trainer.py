@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.config import TrainConfig
-from lmforge.data.collate import WindowSampler, eval_windows
+from lmforge.data.collate import WindowSampler
 from lmforge.errors import LmforgeError
 from lmforge.train.checkpoint import atomic_write_text, checkpoint_dirs, load_trainer_state, save_checkpoint
 from lmforge.train.objectives import Objective
@@ -219,7 +219,8 @@ class Trainer:
             if self.step % config.eval_every == 0 or self.step == config.max_steps:
                 last_eval = self.evaluate()
                 self.log({"step": self.step, "split": "val", **last_eval})
-                bar.write(f"step {self.step}: val loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.2f}")
+                bar.write(f"step {self.step}: val loss {last_eval['loss']:.4f}, "
+                          f"perplexity {last_eval['perplexity']:.2f}")
             if self.step % config.save_every == 0 or self.step == end:
                 self.save()
             bar.update(1)
