@@ -23,12 +23,13 @@ class LMHead(nn.Module):
 
 
 class MLMHead(nn.Module):
-    """BERT's masked-token head: a transform (dense, activation, norm), then vocabulary logits."""
+    """BERT's masked-token head: a transform (dense, activation, norm), then vocabulary logits.
+    Its two linear layers keep biases whatever `bias` says, as BERT's do."""
 
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.n_embd, config.n_embd)
-        self.act = ACTIVATIONS["gelu" if config.activation == "swiglu" else config.activation]
+        self.act = ACTIVATIONS["gelu" if config.activation == "swiglu" else config.activation]()
         self.norm = make_norm(config)
         self.proj = nn.Linear(config.n_embd, config.vocab_size)
 

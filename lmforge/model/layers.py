@@ -17,7 +17,11 @@ def make_norm(config) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-ACTIVATIONS = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}
+ACTIVATIONS = {  # factories: every layer gets its own module, so hooks stay per layer
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+}
 
 
 class FeedForward(nn.Module):
@@ -29,7 +33,7 @@ class FeedForward(nn.Module):
         self.gated = config.activation == "swiglu"
         self.up = nn.Linear(config.n_embd, 2 * width if self.gated else width, bias=config.bias)
         self.down = nn.Linear(width, config.n_embd, bias=config.bias)
-        self.act = None if self.gated else ACTIVATIONS[config.activation]
+        self.act = None if self.gated else ACTIVATIONS[config.activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)

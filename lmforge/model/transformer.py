@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
 from lmforge.model.attention import AttentionContext, build_mask
 from lmforge.model.cache import KVCache
 from lmforge.model.heads import LMHead, MLMHead
@@ -58,6 +59,8 @@ class Stack(nn.Module):
         super().__init__()
         self.causal = causal
         self.explicit_mask = config.position in ("relative", "alibi")
+        # position tables end at block_size; relative, ALiBi and no positions extrapolate
+        self.window = config.block_size if config.position in ("learned", "sinusoidal", "rope") else None
         rotary = Rotary(config.head_dim, config.block_size, config.rope_theta) if config.position == "rope" else None
         self.blocks = nn.ModuleList(Block(config, i, causal, cross, rotary) for i in range(n_layers))
         if config.dense_connections:  # layer i reads a projection of the embeddings and all i outputs
@@ -69,6 +72,10 @@ class Stack(nn.Module):
         self.final_norm = make_norm(config) if config.norm_position == "pre" else nn.Identity()
 
     def context(self, q_len: int, past: int, padding, position_ids, device) -> AttentionContext:
+        if self.window is not None and past + q_len > self.window:
+            raise LmforgeError(
+                f"{past + q_len} positions exceed the context window of {self.window} (block_size)"
+            )
         q_index = torch.arange(past, past + q_len, device=device)
         mask, is_causal = build_mask(q_index, past + q_len, self.causal, padding, self.explicit_mask)
         return AttentionContext(mask, is_causal, position_ids, q_index)
