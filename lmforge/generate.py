@@ -123,8 +123,6 @@ def decode_steps(
         raise LmforgeError("every prompt needs at least one token")
     model.eval()
     block = model.config.block_size
-    if config.max_new_tokens >= block:
-        raise LmforgeError(f"max_new_tokens ({config.max_new_tokens}) must be below the context window ({block})")
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     device = next(model.parameters()).device
     batch = len(prompts)
@@ -134,10 +132,13 @@ def decode_steps(
         encoder_output = model.encode(src.to(device), encoder_mask.to(device))
         start = _decoder_start(model.config)
         prompts = [[start] for _ in prompts]
-    keep = block - config.max_new_tokens  # left-truncate prompts so every new token has a position
+    # The window holds prompt + new tokens: a long prompt keeps its end (at least half the window
+    # stays for it), and generation stops when the window is full.
+    keep = max(block - config.max_new_tokens, block // 2, 1)
     ids, mask = _left_pad([p[-keep:] for p in prompts], pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    cache = model.new_cache(batch, ids.shape[1] + config.max_new_tokens)
+    max_new = min(config.max_new_tokens, block - ids.shape[1])
+    cache = model.new_cache(batch, ids.shape[1] + max_new)
     seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
     seen.scatter_(1, ids, mask.bool())
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -152,13 +153,13 @@ def decode_steps(
         return out.logits[:, -1]
 
     logits = step(ids, mask)
-    for _ in range(config.max_new_tokens):
+    for index in range(max_new):
         tokens = pick_next(logits, config, seen, generator).masked_fill(done, pad_id)
         seen[torch.arange(batch), tokens] = True
         if eos_id is not None:
             done |= tokens == eos_id
         yield tokens.tolist(), done
-        if bool(done.all()):
+        if bool(done.all()) or index == max_new - 1:
             return
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
         logits = step(tokens[:, None], mask)
@@ -195,13 +196,11 @@ class _TextTracker:
         if hits:
             self.stopped = True
             return self._emit(text[: min(hits)])
-        safe = len(text) - (1 if text.endswith("\ufffd") else 0)
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, safe), 0, -1):
-                if text[:safe].endswith(stop[:n]):
-                    safe = min(safe, len(text) - n)
-                    break
-        return self._emit(text[:safe])
+        visible = text[:-1] if text.endswith("\ufffd") else text  # an incomplete UTF-8 character
+        hold = max(
+            (n for stop in self.stops for n in range(1, len(stop)) if visible.endswith(stop[:n])), default=0
+        )
+        return self._emit(visible[: len(visible) - hold])
 
     def finish(self) -> str:
         return "" if self.stopped else self._emit(self.tokenizer.decode(self.ids))

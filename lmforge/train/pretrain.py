@@ -8,6 +8,7 @@ options, so `--resume` needs nothing but the folder.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -111,10 +112,18 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
     torch.manual_seed(train_config.seed)
     model = LanguageModel(model_config)
     trainer = Trainer(model, train_config, train_store, val_store, out, tokenizer)
-    resumed = trainer.resume() if resume else False
+    if resume:
+        resumed = trainer.resume()
+    else:
+        resumed = False
+        trainer.forget_metrics_after(0)  # a run that died before its first checkpoint starts over
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "train_config.json", json.dumps(train_config.to_dict(), indent=2) + "\n")
-    run_record = {k: run_opts.get(k) for k in ("data", "val_data", "dedup")}
+    run_record = {  # absolute paths: --resume works from any working directory
+        "data": [os.path.abspath(p) for p in _as_list(run_opts.get("data"))] or None,
+        "val_data": [os.path.abspath(p) for p in _as_list(run_opts.get("val_data"))] or None,
+        "dedup": run_opts.get("dedup"),
+    }
     atomic_write_text(out / "run.json", json.dumps(run_record, indent=2) + "\n")
     model_config.save(out / "config.json")
     tokenizer.save(out / "tokenizer.json")

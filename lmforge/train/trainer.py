@@ -20,7 +20,13 @@ import torch.nn as nn
 from lmforge.config import TrainConfig
 from lmforge.data.collate import WindowSampler
 from lmforge.errors import LmforgeError
-from lmforge.train.checkpoint import atomic_write_text, checkpoint_dirs, load_trainer_state, save_checkpoint
+from lmforge.train.checkpoint import (
+    atomic_write_text,
+    checkpoint_dirs,
+    load_trainer_state,
+    model_state,
+    save_checkpoint,
+)
 from lmforge.train.objectives import Objective
 
 METRICS_FILE = "metrics.jsonl"
@@ -129,12 +135,15 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, max_batches: int | None = None) -> dict:
+    def evaluate(self, max_batches: int | None = None, full: bool = False) -> dict:
+        """Validation loss over eval_batches evenly spread batches (max_batches overrides), or
+        every validation token with full=True (exact, and gives bits per byte)."""
         from lmforge.evaluate.perplexity import evaluate_store
 
+        limit = None if full else (max_batches or self.config.eval_batches)
         return evaluate_store(
-            self.model, self.val_store, self.objective, self.config.batch_size,
-            max_batches=max_batches or self.config.eval_batches, seed=self.config.seed,
+            self.model, self.val_store, self.objective, self.config.batch_size, max_batches=limit,
+            seed=self.config.seed,
         )
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -155,24 +164,32 @@ class Trainer:
         )
 
     def resume(self) -> bool:
-        """Continue from the newest complete checkpoint; False if there is none."""
+        """Continue from the newest complete checkpoint; False (and a clean log) if there is none."""
         found = checkpoint_dirs(self.run_dir)
         if not found:
+            self.forget_metrics_after(0)
             return False
         from safetensors.torch import load_file
 
         state = load_trainer_state(found[-1])
-        self.model.load_state_dict(load_file(found[-1] / "model.safetensors"), strict=False)
+        weights = load_file(found[-1] / "model.safetensors")
+        expected = model_state(self.model)
+        mismatched = sorted(k for k in expected.keys() | weights.keys()
+                            if k not in weights or k not in expected or weights[k].shape != expected[k].shape)
+        if mismatched:
+            raise LmforgeError(f"checkpoint {found[-1]} does not fit this model ({mismatched[0]} differs); "
+                               "model options cannot change on --resume")
+        self.model.load_state_dict(weights, strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.bad_steps = state["step"], state["bad_steps"]
-        self._truncate_metrics(self.step)
+        self.forget_metrics_after(self.step)
         return True
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Forget metrics a crashed run logged after its last checkpoint: they will be redone."""
+    def forget_metrics_after(self, step: int) -> None:
+        """Drop metrics a crashed run logged after its last checkpoint: they will be redone."""
         path = self.run_dir / METRICS_FILE
         if path.exists():
             lines = path.read_text().splitlines()
@@ -200,20 +217,22 @@ class Trainer:
                 bar.write(f"step {self.step}: non-finite loss or gradient, update skipped")
                 if self.bad_in_a_row >= config.max_bad_steps:
                     bar.close()
+                    saved = checkpoint_dirs(self.run_dir)
+                    where = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
                     raise LmforgeError(
                         f"training stopped: {self.bad_in_a_row} non-finite steps in a row at step {self.step}; "
-                        f"the last good checkpoint is in {self.run_dir}; try a lower --lr"
+                        f"{where} (in {self.run_dir}); try a lower --lr"
                     )
             else:
                 window_loss, window_n = window_loss + result["loss"], window_n + 1
             elapsed = time.perf_counter() - started
             tokens_per_s = (self.step - start_step) * self.tokens_per_step / max(elapsed, 1e-9)
             if self.step % config.log_every == 0 or self.step == end:
-                train_loss = window_loss / max(window_n, 1)
+                train_loss = window_loss / window_n if window_n else None  # every step skipped: no loss
                 self.log({"step": self.step, "split": "train", "loss": train_loss, "lr": result["lr"],
                           "grad_norm": result["grad_norm"], "tokens_per_s": tokens_per_s,
                           "skipped_total": self.bad_steps})
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                bar.set_postfix(loss=f"{train_loss:.3f}" if window_n else "-", tok_s=f"{tokens_per_s:,.0f}",
                                 **({"val_ppl": f"{last_eval['perplexity']:.2f}"} if last_eval else {}))
                 window_loss, window_n = 0.0, 0
             if self.step % config.eval_every == 0 or self.step == config.max_steps:
