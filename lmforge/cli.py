@@ -39,6 +39,7 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm-position", choices=["pre", "post"])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (~50 s to compile on CPU)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (slow without AMX)")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, help="under torchrun: shard with FSDP2, not DDP")
     p.add_argument("--dedup", action=argparse.BooleanOptionalAction, help="drop exact-duplicate documents")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show the progress bar")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -125,11 +126,11 @@ def cmd_generate(args) -> int:
     prompts = args.prompt
     if args.stream:
         for index, prompt in enumerate(prompts):
-            if index:
-                print("\n" + "-" * 40)
-            print(prompt, end="", flush=True)
-            for pieces in stream(model, tokenizer, [prompt], config):
-                print(pieces[0], end="", flush=True)
+            pieces = stream(model, tokenizer, [prompt], config)
+            first = next(pieces)  # any error surfaces before anything is printed
+            print(("\n" + "-" * 40 + "\n" if index else "") + prompt + first[0], end="", flush=True)
+            for piece in pieces:
+                print(piece[0], end="", flush=True)
             print()
         return 0
     outputs = generate(model, tokenizer, prompts, config)
@@ -148,6 +149,8 @@ def cmd_eval(args) -> int:
     from lmforge.train.checkpoint import load_model
 
     model, tokenizer = load_model(args.model_dir)
+    if model.config.n_labels:
+        raise LmforgeError(f"{args.model_dir} is a sequence classifier; eval scores language models")
     result = evaluate_corpus(model, tokenizer, args.data, batch_size=args.batch_size, max_batches=args.max_batches)
     if args.json:
         print(json.dumps(result))
@@ -156,6 +159,23 @@ def cmd_eval(args) -> int:
         if "bits_per_byte" in result:
             line += f"  bits/byte {result['bits_per_byte']:.4f}"
         print(f"{line}  ({result['tokens']:,} tokens)")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from lmforge.interop import convert_from_hf, convert_to_hf
+
+    if args.from_hf:
+        model = convert_from_hf(args.from_hf, args.out)
+        source, kind = args.from_hf, "Hugging Face"
+    else:
+        model = convert_to_hf(args.to_hf, args.out)
+        source, kind = args.to_hf, "lmforge"
+    config = model.config
+    print(
+        f"{kind} {source} → {args.out}: {config.arch}, {config.n_layer} layers × {config.n_embd}, "
+        f"{model.num_parameters() / 1e6:.2f}M parameters"
+    )
     return 0
 
 
@@ -188,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain_flags(pre)
     pre.set_defaults(func=cmd_pretrain)
 
-    gen = verbs.add_parser("generate", help="generate text from a model folder")
+    gen = verbs.add_parser("generate", help="generate text from a model folder (or a Hugging Face one)")
     gen.add_argument("model_dir")
     gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
     gen.add_argument("--max-new-tokens", type=int, default=128)
@@ -210,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-batches", type=int, help="evaluate only this many batches (default: all)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)
+
+    conv = verbs.add_parser("convert", help="convert between Hugging Face and lmforge model folders")
+    direction = conv.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face folder (GPT-2, BERT or BART)")
+    direction.add_argument("--to-hf", metavar="MODEL_DIR", help="an lmforge model folder")
+    conv.add_argument("--out", required=True, help="folder to write (must not exist, or be empty)")
+    conv.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -55,6 +55,9 @@ class ModelConfig:
     type_vocab_size: int = 0  # segment embeddings (BERT uses 2)
     embedding_norm: bool = False  # normalise embeddings before the first layer (BERT)
     scale_attn_by_inverse_layer_idx: bool = False  # GPT-2 option: scores / (layer index + 1)
+    scale_embedding: bool = False  # token vectors times sqrt(n_embd) before positions are added (BART option)
+    lm_head_bias: bool = False  # a bias on the next-token logits (BART's final_logits_bias)
+    n_labels: int | None = None  # encoder only: classify whole sequences into n labels instead of masked LM
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -106,6 +109,11 @@ class ModelConfig:
             raise LmforgeError(f"rope needs an even head dimension; got {self.head_dim}")
         if self.position == "sinusoidal" and self.n_embd % 2:
             raise LmforgeError(f"sinusoidal positions need an even n_embd; got {self.n_embd}")
+        if self.n_labels is not None:
+            if self.arch != "encoder":
+                raise LmforgeError(f"n_labels (a sequence classifier) needs arch encoder; got {self.arch!r}")
+            if self.n_labels < 2:
+                raise LmforgeError(f"n_labels must be at least 2; got {self.n_labels}")
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise LmforgeError(f"{name} must be in [0, 1); got {getattr(self, name)}")
@@ -149,6 +157,7 @@ class TrainConfig:
     seed: int = 1337
     compile: bool = False  # costs ~50 s of compiling on a CPU; pays only in long runs
     bf16: bool = False  # bf16 matrix products are emulated (slow) on CPUs without AMX
+    fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     objective: str = "clm"  # clm, mlm or denoise; chosen from the arch when not given
     mask_prob: float = 0.15

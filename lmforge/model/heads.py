@@ -9,11 +9,12 @@ from lmforge.model.layers import ACTIVATIONS, make_norm
 
 
 class LMHead(nn.Module):
-    """Next-token logits; its weight may be the token embedding itself (tied, as in GPT-2)."""
+    """Next-token logits; its weight may be the token embedding itself (tied, as in GPT-2).
+    The optional bias is BART's final_logits_bias."""
 
     def __init__(self, config):
         super().__init__()
-        self.proj = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
 
     def tie(self, embedding: nn.Embedding) -> None:
         self.proj.weight = embedding.weight
@@ -38,3 +39,17 @@ class MLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(self.act(self.dense(hidden))))
+
+
+class ClassifierHead(nn.Module):
+    """BERT's sequence classifier: the first token's vector, pooled (dense + tanh), then dropout
+    and one linear layer to the labels. Nothing in it is tied to the vocabulary."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.pool = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.out = nn.Linear(config.n_embd, config.n_labels)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.out(self.dropout(torch.tanh(self.pool(hidden[:, 0]))))

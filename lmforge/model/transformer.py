@@ -39,8 +39,11 @@ class Embeddings(nn.Module):
         self.segments = nn.Embedding(config.type_vocab_size, config.n_embd) if config.type_vocab_size else None
         self.norm = make_norm(config) if config.embedding_norm else None
         self.dropout = nn.Dropout(config.dropout)
+        self.scale = math.sqrt(config.n_embd) if config.scale_embedding else None
 
     def forward(self, x, position_ids, token_type_ids=None) -> torch.Tensor:
+        if self.scale is not None:
+            x = x * self.scale
         if self.positions is not None:
             x = x + self.positions(position_ids)
         if self.segments is not None:
@@ -126,12 +129,20 @@ class LanguageModel(nn.Module):
             self.decoder_embed = Embeddings(config)
             n_layers = config.decoder_layers if config.arch == "encoder-decoder" else config.n_layer
             self.decoder = Stack(config, n_layers, causal=True, cross=config.arch == "encoder-decoder")
-        self.head = MLMHead(config) if config.arch == "encoder" else LMHead(config)
+        self.head = self.make_head(config)
         self.apply(self._init_weights)
         for name, param in self.named_parameters():  # GPT-2: residual writes scaled by depth
             if name.endswith(("attn.proj.weight", "ffn.down.weight")):
                 nn.init.normal_(param, mean=0.0, std=config.init_std / math.sqrt(2 * self.n_blocks))
-        if config.tie_embeddings:
+        self.tie_weights()
+
+    def make_head(self, config: ModelConfig) -> nn.Module:
+        """The head this family trains with; a subclass with another task overrides it."""
+        return MLMHead(config) if config.arch == "encoder" else LMHead(config)
+
+    def tie_weights(self) -> None:
+        """Share the token table with the head's vocabulary projection, if asked and if it has one."""
+        if self.config.tie_embeddings and hasattr(self.head, "tie"):
             self.head.tie(self.token_embedding)
 
     @property

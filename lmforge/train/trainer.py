@@ -24,9 +24,9 @@ from lmforge.train.checkpoint import (
     atomic_write_text,
     checkpoint_dirs,
     load_trainer_state,
-    model_state,
     save_checkpoint,
 )
+from lmforge.train.distributed import World, full_state, load_full_state, no_sync, wrap_model
 from lmforge.train.objectives import Objective
 
 METRICS_FILE = "metrics.jsonl"
@@ -62,49 +62,53 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 class Trainer:
-    def __init__(self, model, config: TrainConfig, train_store, val_store, run_dir, tokenizer, objective=None):
+    """Runs one process's share of training; under torchrun every rank runs one (see distributed.py)."""
+
+    def __init__(self, model, config: TrainConfig, train_store, val_store, run_dir, tokenizer, objective=None,
+                 world: World | None = None):
         self.model, self.config, self.tokenizer = model, config, tokenizer
+        self.world = world or World()
         self.run_dir = Path(run_dir)
         self.train_store, self.val_store = train_store, val_store
         self.objective = objective or Objective(config.objective, model.config, config.mask_prob)
         block = model.config.block_size
-        self.sampler = WindowSampler(train_store, block, config.batch_size, config.seed)
+        self.sampler = WindowSampler(train_store, block, config.batch_size, config.seed,
+                                     self.world.rank, self.world.world_size)
         WindowSampler(val_store, block, 1, config.seed)  # same one-line error for a too-short val split
-        self.generator = torch.Generator().manual_seed(config.seed + 1)  # masking noise, separate stream
-        self.optimizer = configure_optimizer(model, config)
+        self.generator = torch.Generator().manual_seed(config.seed + 1 + self.world.rank)  # masking noise
+        self.wrapped = wrap_model(model, self.world, fsdp=config.fsdp)  # DDP/FSDP, or the model itself
+        self.optimizer = configure_optimizer(model, config)  # after sharding: FSDP replaces parameters
         self.step = 0
         self.bad_steps = 0  # all non-finite steps skipped so far
         self.bad_in_a_row = 0
-        self.forward = self._compiled_forward() if config.compile else model
+        self.forward = self._compiled_forward() if config.compile else self.wrapped
         self.autocast = (
             torch.autocast(device_type="cpu", dtype=torch.bfloat16) if config.bf16 else nullcontext()
         )
-        self.tokens_per_step = config.batch_size * config.grad_accum * block
+        self.tokens_per_step = config.batch_size * config.grad_accum * block * self.world.world_size
 
     # -- one optimisation step ------------------------------------------------------------
     def train_step(self) -> dict:
         """Accumulate grad_accum micro-batches, then clip and update; skip the update (and count
-        it) if the loss or gradient is not finite."""
-        self.model.train()
+        it) if the loss or gradient is not finite on any rank."""
+        self.wrapped.train()
         lr = lr_at(self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total, finite = 0.0, True
-        for _ in range(self.config.grad_accum):
+        total, finite, accum = 0.0, True, self.config.grad_accum
+        for micro in range(accum):
             x, y = self.sampler.next_batch()
             batch = self.objective.batch(x, y, self.generator)
-            with self.autocast:
-                loss = self._run(batch).loss / self.config.grad_accum
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            loss.backward()
-            total += loss.item()
-        grad_norm = float("nan")
-        if finite:
-            clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-            finite = math.isfinite(grad_norm)
+            with no_sync(self.wrapped, sync=micro == accum - 1):  # all-reduce once, on the last
+                with self.autocast:
+                    loss = self._run(batch).loss / accum
+                loss.backward()  # even when not finite: every rank must join the all-reduce
+            value = loss.item()
+            finite = finite and math.isfinite(value)
+            total += value if finite else 0.0
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        finite = self.world.all_true(finite and math.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
             self.bad_in_a_row = 0
@@ -113,25 +117,25 @@ class Trainer:
             self.bad_in_a_row += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"step": self.step, "loss": total if finite else float("nan"), "lr": lr,
+        return {"step": self.step, "loss": self.world.mean(total) if finite else float("nan"), "lr": lr,
                 "grad_norm": grad_norm, "skipped": not finite}
 
     def _run(self, batch: dict):
         try:
             return self.forward(**batch)
         except Exception as exc:  # a compiler failure shows up at the first call
-            if self.forward is self.model:
+            if self.forward is self.wrapped:
                 raise
             warnings.warn(f"torch.compile failed ({type(exc).__name__}); continuing without it", stacklevel=2)
-            self.forward = self.model
-            return self.model(**batch)
+            self.forward = self.wrapped
+            return self.wrapped(**batch)
 
     def _compiled_forward(self):
         try:
-            return torch.compile(self.model)
+            return torch.compile(self.wrapped)
         except Exception as exc:  # e.g. no compiler on this platform
             warnings.warn(f"torch.compile unavailable ({type(exc).__name__}); running eagerly", stacklevel=2)
-            return self.model
+            return self.wrapped
 
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -147,10 +151,10 @@ class Trainer:
         )
 
     # -- checkpoints -------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self, optimizer_state: dict) -> dict:
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "sampler": self.sampler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -158,13 +162,18 @@ class Trainer:
             "train_config": self.config.to_dict(),
         }
 
-    def save(self) -> Path:
-        return save_checkpoint(
-            self.run_dir, self.step, self.model, self.tokenizer, self.state_dict(), self.config.keep_checkpoints
-        )
+    def save(self) -> Path | None:
+        """Every rank takes part (FSDP gathers shards); rank 0 writes. Returns the folder on rank 0."""
+        weights, optimizer_state = full_state(self.model, self.optimizer)
+        if not self.world.is_main:
+            return None
+        return save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.state_dict(optimizer_state),
+                               self.config.keep_checkpoints, weights=weights)
 
     def resume(self) -> bool:
-        """Continue from the newest complete checkpoint; False (and a clean log) if there is none."""
+        """Continue from the newest complete checkpoint; False (and a clean log) if there is none.
+
+        Rank 0 continues its random streams exactly; other ranks reseed theirs from the step."""
         found = checkpoint_dirs(self.run_dir)
         if not found:
             self.forget_metrics_after(0)
@@ -173,18 +182,23 @@ class Trainer:
 
         state = load_trainer_state(found[-1])
         weights = load_file(found[-1] / "model.safetensors")
-        expected = model_state(self.model)
+        expected = {k: v.shape for k, v in self.model.state_dict().items()}
+        if self.model.config.tie_embeddings:
+            expected.pop("head.proj.weight", None)
         mismatched = sorted(k for k in expected.keys() | weights.keys()
-                            if k not in weights or k not in expected or weights[k].shape != expected[k].shape)
+                            if k not in weights or k not in expected or weights[k].shape != expected[k])
         if mismatched:
             raise LmforgeError(f"checkpoint {found[-1]} does not fit this model ({mismatched[0]} differs); "
                                "model options cannot change on --resume")
-        self.model.load_state_dict(weights, strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_full_state(self.model, self.optimizer, weights, state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
         self.step, self.bad_steps = state["step"], state["bad_steps"]
+        if self.world.is_main:
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        else:
+            self.generator.manual_seed(self.config.seed + 1 + self.world.rank + self.step)
+            torch.manual_seed(self.config.seed + self.world.rank + self.step)
         self.forget_metrics_after(self.step)
         return True
 
@@ -196,7 +210,9 @@ class Trainer:
             kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
 
-    def log(self, record: dict) -> None:
+    def log_main(self, record: dict) -> None:
+        if not self.world.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -207,14 +223,16 @@ class Trainer:
         from tqdm.auto import tqdm
 
         config, end = self.config, min(until or self.config.max_steps, self.config.max_steps)
-        bar = tqdm(total=config.max_steps, initial=self.step, disable=not config.progress,
+        main = self.world.is_main  # rank 0 alone shows progress and writes logs
+        bar = tqdm(total=config.max_steps, initial=self.step, disable=not (config.progress and main),
                    unit="step", dynamic_ncols=True, leave=True)
         last_eval: dict = {}
         started, start_step, window_loss, window_n = time.perf_counter(), self.step, 0.0, 0
         while self.step < end:
             result = self.train_step()
             if result["skipped"]:
-                bar.write(f"step {self.step}: non-finite loss or gradient, update skipped")
+                if main:
+                    bar.write(f"step {self.step}: non-finite loss or gradient, update skipped")
                 if self.bad_in_a_row >= config.max_bad_steps:
                     bar.close()
                     saved = checkpoint_dirs(self.run_dir)
@@ -229,20 +247,22 @@ class Trainer:
             tokens_per_s = (self.step - start_step) * self.tokens_per_step / max(elapsed, 1e-9)
             if self.step % config.log_every == 0 or self.step == end:
                 train_loss = window_loss / window_n if window_n else None  # every step skipped: no loss
-                self.log({"step": self.step, "split": "train", "loss": train_loss, "lr": result["lr"],
-                          "grad_norm": result["grad_norm"], "tokens_per_s": tokens_per_s,
-                          "skipped_total": self.bad_steps})
+                self.log_main({"step": self.step, "split": "train", "loss": train_loss, "lr": result["lr"],
+                               "grad_norm": result["grad_norm"], "tokens_per_s": tokens_per_s,
+                               "skipped_total": self.bad_steps})
                 bar.set_postfix(loss=f"{train_loss:.3f}" if window_n else "-", tok_s=f"{tokens_per_s:,.0f}",
                                 **({"val_ppl": f"{last_eval['perplexity']:.2f}"} if last_eval else {}))
                 window_loss, window_n = 0.0, 0
             if self.step % config.eval_every == 0 or self.step == config.max_steps:
-                last_eval = self.evaluate()
-                self.log({"step": self.step, "split": "val", **last_eval})
-                bar.write(f"step {self.step}: val loss {last_eval['loss']:.4f}, "
-                          f"perplexity {last_eval['perplexity']:.2f}")
+                last_eval = self.evaluate()  # every rank: a sharded model evaluates collectively
+                self.log_main({"step": self.step, "split": "val", **last_eval})
+                if main:
+                    bar.write(f"step {self.step}: val loss {last_eval['loss']:.4f}, "
+                              f"perplexity {last_eval['perplexity']:.2f}")
             if self.step % config.save_every == 0 or self.step == end:
                 self.save()
             bar.update(1)
         bar.close()
+        self.world.barrier()
         return {"step": self.step, "skipped_steps": self.bad_steps, "val": last_eval,
                 "seconds": time.perf_counter() - started}

@@ -1,0 +1,14 @@
+"""Hugging Face interoperability: GPT-2, BERT and BART folders in and out, weights mapped exactly.
+
+    from lmforge.interop import from_hf, to_hf
+    model, tokenizer = from_hf("path/to/hf-folder")      # converted in memory
+    to_hf(model, tokenizer, "path/to/new-hf-folder")      # loads with AutoModel...from_pretrained
+
+One module per family (gpt2.py, bert.py, bart.py) declares its config fields and weight names;
+mapping.py holds what they share; hf.py reads and writes the folders. Nothing here imports
+`transformers`.
+"""
+
+from lmforge.interop.hf import convert_from_hf, convert_to_hf, from_hf, is_hf_folder, to_hf
+
+__all__ = ["convert_from_hf", "convert_to_hf", "from_hf", "is_hf_folder", "to_hf"]

@@ -1,0 +1,38 @@
+"""Sequence classification (BERT's `ForSequenceClassification`): the encoder of `LanguageModel`
+with a `ClassifierHead` in place of the masked-token head, and `build_model`, which picks the
+class a config describes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.model.heads import ClassifierHead
+from lmforge.model.transformer import LanguageModel, ModelOutput
+
+
+class SequenceClassifier(LanguageModel):
+    """One label per sequence, read from the first token ([CLS]). Reuses the encoder, embeddings,
+    initialisation and parameter counts of LanguageModel; only the head and forward differ."""
+
+    def make_head(self, config: ModelConfig) -> ClassifierHead:
+        return ClassifierHead(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """logits (B, n_labels); labels (B,) give the cross-entropy loss."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids)
+        logits = self.head(hidden)
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return ModelOutput(logits, loss, hidden)
+
+
+def build_model(config: ModelConfig) -> LanguageModel:
+    """A SequenceClassifier when the config has labels, otherwise a LanguageModel."""
+    return SequenceClassifier(config) if config.n_labels else LanguageModel(config)
