@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ def build(steps: int, cache_dir: str, with_hf: bool = True):
     train_store, val_store = build_token_stores([text], tokenizer, val_fraction=0.1)
     s = SETTINGS
     config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=s["n_layer"], n_head=s["n_head"],
-                         n_embd=s["n_embd"], block_size=s["block_size"], activation="gelu_tanh",
+                         n_embd=s["n_embd"], block_size=s["block_size"], activation="gelu",
                          eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     train_config = TrainConfig(batch_size=s["batch_size"], lr=s["lr"], min_lr=s["min_lr"],
                                warmup_steps=s["warmup_steps"], max_steps=steps, beta2=s["beta2"],
@@ -72,7 +71,8 @@ def hf_copy(model):
     c = model.config
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
                                     n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                                    attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
+                                    attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                                    activation_function="gelu"))  # exact GELU, as nanoGPT and lmforge use
     sd = model.state_dict()
     mapped = {"transformer.wte.weight": sd["token_embedding.weight"],
               "transformer.wpe.weight": sd["decoder_embed.positions.weight"],
@@ -174,7 +174,9 @@ def peak_memory(which: str, steps: int) -> None:
             trainer.model = None
             for _ in range(steps):
                 hf_step(hf, optimizer, hf_sampler, SETTINGS["lr"])
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM, not ru_maxrss: Linux carries the parent's peak across fork+exec into ru_maxrss.
+    status = Path("/proc/self/status").read_text()
+    print(next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024)
 
 
 def main() -> None:

@@ -57,12 +57,19 @@ def _options(args: argparse.Namespace, skip: tuple[str, ...] = ("command", "conf
 
 
 def cmd_pretrain(args) -> int:
+    from lmforge.train.distributed import shutdown_world
     from lmforge.train.pretrain import prepare_run
 
     run = prepare_run(_options(args))
-    _print_run_header(run)
-    summary = run.trainer.fit()
-    _print_summary(summary, run.trainer.run_dir)
+    main = run.trainer.world.is_main  # under torchrun, rank 0 speaks for all
+    try:
+        if main:
+            _print_run_header(run)
+        summary = run.trainer.fit()
+        if main:
+            _print_summary(summary, run.trainer.run_dir)
+    finally:
+        shutdown_world(run.trainer.world)
     return 0
 
 

@@ -21,6 +21,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model import LanguageModel
 from lmforge.tokenize import Tokenizer
 from lmforge.train.checkpoint import atomic_write_text, checkpoint_dirs
+from lmforge.train.distributed import World, init_world
 from lmforge.train.objectives import DEFAULT_FOR_ARCH
 from lmforge.train.trainer import Trainer
 
@@ -96,27 +97,36 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
     if run_opts.get("val_data"):
         val_documents, _ = load_corpus(_as_list(run_opts["val_data"]), dedup=bool(run_opts.get("dedup")))
 
+    world = init_world()  # one process, or one rank of a torchrun job
     if resume and has_checkpoint:
         tokenizer = Tokenizer.load(out / "tokenizer.json")
-    else:
-        tokenizer = _tokenizer_for(run_opts.get("tokenizer"), run_opts.get("vocab_size"), documents)
+    else:  # rank 0 trains the tokenizer; the other ranks load what it saved
+        tokenizer = _main_first(
+            world,
+            lambda: _save(_tokenizer_for(run_opts.get("tokenizer"), run_opts.get("vocab_size"), documents), out),
+            lambda: Tokenizer.load(out / "tokenizer.json"),
+        )
     model_opts = {**_token_ids(tokenizer), **model_opts, "vocab_size": tokenizer.vocab_size}
     model_opts.setdefault("arch", "decoder")
     train_opts.setdefault("objective", DEFAULT_FOR_ARCH.get(model_opts["arch"], "clm"))
     model_config = ModelConfig.from_dict(model_opts)
     train_config = TrainConfig.from_dict(train_opts)
 
-    train_store, val_store = build_token_stores(
-        documents, tokenizer, val_fraction=train_config.val_fraction, val_documents=val_documents
-    )
+    def build_stores():
+        return build_token_stores(documents, tokenizer, val_fraction=train_config.val_fraction,
+                                  val_documents=val_documents)
+
+    train_store, val_store = _main_first(world, build_stores, build_stores)  # the others hit its cache
     torch.manual_seed(train_config.seed)
     model = LanguageModel(model_config)
-    trainer = Trainer(model, train_config, train_store, val_store, out, tokenizer)
+    trainer = Trainer(model, train_config, train_store, val_store, out, tokenizer, world=world)
     if resume:
         resumed = trainer.resume()
     else:
         resumed = False
         trainer.forget_metrics_after(0)  # a run that died before its first checkpoint starts over
+    if not world.is_main:
+        return Run(trainer, model, tokenizer, resumed, summary)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "train_config.json", json.dumps(train_config.to_dict(), indent=2) + "\n")
     run_record = {  # absolute paths: --resume works from any working directory
@@ -128,6 +138,23 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
     model_config.save(out / "config.json")
     tokenizer.save(out / "tokenizer.json")
     return Run(trainer, model, tokenizer, resumed, summary)
+
+
+def _main_first(world: World, on_main, on_others):
+    """Rank 0 does the work first (training a tokenizer, filling the token cache); the other
+    ranks wait, then load or reuse what it wrote instead of racing it."""
+    if world.is_main:
+        result = on_main()
+        world.barrier()
+        return result
+    world.barrier()
+    return on_others()
+
+
+def _save(tokenizer: Tokenizer, out: Path) -> Tokenizer:
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out / "tokenizer.json")
+    return tokenizer
 
 
 def _token_ids(tokenizer: Tokenizer) -> dict:

@@ -205,7 +205,7 @@ class Trainer:
     def forget_metrics_after(self, step: int) -> None:
         """Drop metrics a crashed run logged after its last checkpoint: they will be redone."""
         path = self.run_dir / METRICS_FILE
-        if path.exists():
+        if path.exists() and self.world.is_main:
             lines = path.read_text().splitlines()
             kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
