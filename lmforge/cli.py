@@ -130,6 +130,10 @@ def cmd_generate(args) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model_dir)
+    if args.int8:
+        from lmforge.quantize import quantize_int8
+
+        model = quantize_int8(model)
     prompts = args.prompt
     if args.stream:
         for index, prompt in enumerate(prompts):
@@ -228,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.add_argument("--int8", action="store_true", help="int8 weights: faster batch-1 decoding on CPU")
     gen.set_defaults(func=cmd_generate)
 
     ev = verbs.add_parser("eval", help="held-out loss, perplexity and bits per byte")

@@ -79,8 +79,9 @@ def run_demo(minutes: float = 3.0, out: str | Path = "runs/demo") -> int:
     print(f"\nheld-out perplexity: {final['perplexity']:.2f} (loss {final['loss']:.3f}, "
           f"{summary['step']} steps, {summary['seconds']:.0f} s)")
     config = GenerationConfig(max_new_tokens=60, temperature=0.7, top_k=40, seed=0, stop=["\n\n\n"])
-    for prompt, completion in zip(PROMPTS, generate(model, run.tokenizer, PROMPTS, config), strict=True):
-        print("\n--- prompt ---\n" + prompt + "--- completion ---\n" + completion)
+    completions = generate(model, run.tokenizer, PROMPTS, config)
+    for number, (prompt, completion) in enumerate(zip(PROMPTS, completions, strict=True), 1):
+        print(f"\n--- sample {number}: the prompt, then what the model wrote ---\n{prompt}{completion}")
     print(f"\nmodel folder: {out}\ntry:  lmforge generate {out} --prompt 'def main():' --stream")
     print(f"      lmforge eval {out} --data <python files>")
     return 0

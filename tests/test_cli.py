@@ -441,7 +441,7 @@ def test_demo_with_a_tiny_model(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "8 files" in printed
     assert "held-out perplexity:" in printed
-    assert printed.count("--- completion ---") == len(demo.PROMPTS)
+    assert printed.count("the prompt, then what the model wrote ---") == len(demo.PROMPTS)
     for prompt in demo.PROMPTS:
         assert prompt in printed
     model, tokenizer = load_model(out)
@@ -490,7 +490,7 @@ def test_real_demo_end_to_end(tmp_path):
                           capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "perplexity" in proc.stdout
-    assert "--- completion ---" in proc.stdout
+    assert "the prompt, then what the model wrote ---" in proc.stdout
     model, tokenizer = load_model(out)
     assert tokenizer.kind == "bpe"
     assert f"lmforge generate {out} --prompt 'def main():' --stream" in proc.stdout

@@ -22,9 +22,10 @@ def evaluate_store(model, store, objective, batch_size: int, max_batches: int | 
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     total_loss, total_targets = 0.0, 0
     for x, y in eval_windows(store, model.config.block_size, batch_size, max_batches):
-        batch = objective.batch(x, y, generator)
+        batch = {k: v.to(device) for k, v in objective.batch(x, y, generator).items()}
         n_targets = int((batch["labels"] != -100).sum())
         if n_targets == 0:
             continue

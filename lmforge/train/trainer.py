@@ -76,6 +76,8 @@ class Trainer:
                                      self.world.rank, self.world.world_size)
         WindowSampler(val_store, block, 1, config.seed)  # same one-line error for a too-short val split
         self.generator = torch.Generator().manual_seed(config.seed + 1 + self.world.rank)  # masking noise
+        self.device = self.world.device
+        model.to(self.device)
         self.wrapped = wrap_model(model, self.world, fsdp=config.fsdp)  # DDP/FSDP, or the model itself
         self.optimizer = configure_optimizer(model, config)  # after sharding: FSDP replaces parameters
         self.step = 0
@@ -83,7 +85,7 @@ class Trainer:
         self.bad_in_a_row = 0
         self.forward = self._compiled_forward() if config.compile else self.wrapped
         self.autocast = (
-            torch.autocast(device_type="cpu", dtype=torch.bfloat16) if config.bf16 else nullcontext()
+            torch.autocast(device_type=self.device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
         )
         self.tokens_per_step = config.batch_size * config.grad_accum * block * self.world.world_size
 
@@ -98,7 +100,7 @@ class Trainer:
         total, finite, accum = 0.0, True, self.config.grad_accum
         for micro in range(accum):
             x, y = self.sampler.next_batch()
-            batch = self.objective.batch(x, y, self.generator)
+            batch = {k: v.to(self.device) for k, v in self.objective.batch(x, y, self.generator).items()}
             with no_sync(self.wrapped, sync=micro == accum - 1):  # all-reduce once, on the last
                 with self.autocast:
                     loss = self._run(batch).loss / accum
