@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -497,3 +498,18 @@ def test_real_demo_end_to_end(tmp_path):
     from lmforge.cli import main as cli_main
 
     assert cli_main(["generate", str(out), "--prompt", "def main():", "--stream"]) == 0  # the suggestion works
+
+
+def test_progress_bar_shows_loss_speed_and_time_left(tmp_path, capsys):
+    """The bar (stderr) carries the running loss, tokens/s and tqdm's elapsed<remaining clock;
+    the falling validation perplexity is printed above it."""
+    data = write_corpus(tmp_path, "the cat sat on the mat and the dog sat on the log.\n" * 80, "corpus.txt")
+    args = [a for a in pretrain_args(data, tmp_path / "run", max_steps=20) if a != "--no-progress"]
+    code, out, err = run_cli(capsys, *args, "--progress")
+    assert code == 0, err
+    bar = err.replace("\r", "\n")
+    assert re.search(r"loss=\d+\.\d{3}", bar), bar[-500:]
+    assert re.search(r"tok_s=[\d,]+", bar), bar[-500:]
+    assert re.search(r"\d\d:\d\d<\d\d:\d\d", bar), bar[-500:]  # elapsed<remaining
+    perplexities = [float(p) for p in re.findall(r"step \d+: val loss [\d.]+, perplexity ([\d.]+)", out + err)]
+    assert len(perplexities) == 2 and perplexities[1] < perplexities[0], (out, err)
