@@ -139,9 +139,17 @@ def decode_steps(
     ids, mask = ids.to(device), mask.to(device)
     max_new = min(config.max_new_tokens, block - ids.shape[1])
     cache = model.new_cache(batch, ids.shape[1] + max_new)
-    seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
-    seen.scatter_(1, ids, mask.bool())
+    seen = None  # which tokens each row has seen: only the repetition penalty needs it
+    if config.repetition_penalty != 1.0:
+        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, mask.bool())
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    # Without padding the model needs no attention mask: it then builds none, counts positions
+    # with arange and attention runs mask-free. With padding, the mask of every step is a prefix
+    # of one preallocated mask (new tokens are always real) instead of a new concatenation.
+    full_mask = None
+    if not bool(mask.all()):
+        full_mask = torch.cat([mask, mask.new_ones(batch, max_new)], dim=1)
 
     def step(tokens, attention_mask):
         if encoder_output is None:
@@ -152,17 +160,17 @@ def decode_steps(
         )
         return out.logits[:, -1]
 
-    logits = step(ids, mask)
+    logits = step(ids, None if full_mask is None else mask)
     for index in range(max_new):
         tokens = pick_next(logits, config, seen, generator).masked_fill(done, pad_id)
-        seen[torch.arange(batch), tokens] = True
+        if seen is not None:
+            seen[torch.arange(batch), tokens] = True
         if eos_id is not None:
             done |= tokens == eos_id
         yield tokens.tolist(), done
         if bool(done.all()) or index == max_new - 1:
             return
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
-        logits = step(tokens[:, None], mask)
+        logits = step(tokens[:, None], None if full_mask is None else full_mask[:, : cache.length + 1])
 
 
 def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -205,10 +205,10 @@ def test_pretrain_resume_with_more_steps(trained, tmp_path, capsys):
     assert code == 0 and "resuming at step 30" in out
 
 
-@pytest.mark.parametrize("change", [["--n-embd", "64"], ["--position", "rope"]], ids=["n-embd", "position"])
+@pytest.mark.parametrize("change", [["--n-embd", "64"], ["--position", "learned"]], ids=["n-embd", "position"])
 def test_resume_with_a_different_model_is_refused(trained, tmp_path, capsys, change):
     """The checkpoint's weights cannot fill a model of another shape (n_embd) or another layout
-    (learned positions dropped for rope): a one-line error, not a traceback nor a silent
+    (rope swapped for a learned position table): a one-line error, not a traceback nor a silent
     partial load."""
     run = tmp_path / "run"
     shutil.copytree(trained, run)

@@ -397,7 +397,7 @@ def test_bart_export_loads_in_transformers_and_matches(bart, tmp_path):
 # =========================================================================== lmforge models out
 
 
-NATIVE = {  # models as lmforge builds them, in the shape each family can express
+NATIVE = {  # models as lmforge builds them, in the shape each family can express (learned positions)
     "GPT2LMHeadModel": dict(arch="decoder", activation="gelu", norm_eps=1e-6),
     "BertForMaskedLM": dict(arch="encoder", norm_position="post", embedding_norm=True, type_vocab_size=2,
                             activation="relu", tie_embeddings=False),
@@ -412,7 +412,7 @@ NATIVE = {  # models as lmforge builds them, in the shape each family can expres
 def test_lmforge_models_export_to_transformers(architecture, tmp_path):
     """Not only round trips: a model lmforge built itself exports, and transformers agrees with it."""
     torch.manual_seed(0)
-    shape = dict(vocab_size=90, block_size=32, n_layer=2, n_head=4, n_embd=32, init_std=0.2)
+    shape = dict(vocab_size=90, block_size=32, n_layer=2, n_head=4, n_embd=32, init_std=0.2, position="learned")
     config = ModelConfig(**shape, **NATIVE[architecture])
     model = build_model(config).eval()
     _perturb(model)
@@ -497,7 +497,8 @@ def test_broken_folders_are_one_line_errors(gpt2, tmp_path):
     ],
 )
 def test_export_refuses_what_the_family_cannot_express(options, field, tmp_path):
-    config = ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=4, n_embd=32, **options)
+    config = ModelConfig(**{"vocab_size": 50, "block_size": 16, "n_layer": 1, "n_head": 4, "n_embd": 32,
+                            "position": "learned", **options})
     with pytest.raises(LmforgeError, match=field):
         to_hf(LanguageModel(config), None, tmp_path)
 

@@ -33,7 +33,8 @@ def _one_thread():
 
 
 def make_model(seed: int = 0, **overrides) -> LanguageModel:
-    kw = dict(vocab_size=V, block_size=P, n_layer=2, n_head=4, n_embd=D, relative_distance=4, init_std=0.1)
+    kw = dict(vocab_size=V, block_size=P, n_layer=2, n_head=4, n_embd=D, relative_distance=4, init_std=0.1,
+              position="learned")  # the GPT-2 layout unless a test asks otherwise
     kw.update(overrides)
     torch.manual_seed(seed)
     return LanguageModel(ModelConfig(**kw)).eval()
