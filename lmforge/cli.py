@@ -38,7 +38,10 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm", choices=["layernorm", "rmsnorm"])
     p.add_argument("--norm-position", choices=["pre", "post"])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (~50 s to compile on CPU)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (slow without AMX)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast (default: on only where the hardware has bf16 matrix units)")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute blocks in backward: less activation memory, more compute")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, help="under torchrun: shard with FSDP2, not DDP")
     p.add_argument("--dedup", action=argparse.BooleanOptionalAction, help="drop exact-duplicate documents")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show the progress bar")

@@ -156,7 +156,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 1337
     compile: bool = False  # costs ~50 s of compiling on a CPU; pays only in long runs
-    bf16: bool = False  # bf16 matrix products are emulated (slow) on CPUs without AMX
+    bf16: bool | None = None  # None: on where the hardware has bf16 matrix units (AMX, most GPUs); off here
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     objective: str = "clm"  # clm, mlm or denoise; chosen from the arch when not given

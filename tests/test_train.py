@@ -646,6 +646,48 @@ def test_bf16_autocast_step(tmp_path):
     assert run.model.token_embedding.weight.dtype == torch.float32  # master weights stay fp32
 
 
+def test_bf16_defaults_to_what_the_hardware_has(tmp_path, monkeypatch):
+    """Left unset, bf16 follows the processor: off without bf16 matrix units (this CPU), on with them."""
+    from lmforge.train import trainer as trainer_module
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert not trainer_module.bf16_available(torch.device("cpu"))
+    assert prepare_run(tiny_options(tmp_path / "a", max_steps=2)).trainer.bf16 is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert prepare_run(tiny_options(tmp_path / "b", max_steps=2)).trainer.bf16 is True
+    assert prepare_run(tiny_options(tmp_path / "c", max_steps=2, bf16=False)).trainer.bf16 is False
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder-decoder"])
+def test_activation_checkpointing_recomputes_blocks_with_identical_gradients(arch, tmp_path, monkeypatch):
+    """Checkpointed blocks run forward twice (once more in backward) and give the same gradients."""
+    from lmforge.model import layers
+
+    grads, calls, counter = {}, {}, [0]
+    real_forward = layers.FeedForward.forward
+
+    def counting_forward(self, x):  # module hooks do not fire on recomputation; the method does
+        counter[0] += 1
+        return real_forward(self, x)
+
+    monkeypatch.setattr(layers.FeedForward, "forward", counting_forward)
+    for flag in (False, True):
+        run = prepare_run(tiny_options(tmp_path / str(flag), arch=arch, activation_checkpointing=flag))
+        counter[0] = 0
+        x, y = run.trainer.sampler.next_batch()
+        batch = run.trainer.objective.batch(x, y, torch.Generator().manual_seed(0))
+        run.model.train()
+        run.model(**batch).loss.backward()
+        grads[flag] = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+        calls[flag] = counter[0]
+    blocks = run.model.n_blocks
+    assert calls == {False: blocks, True: 2 * blocks}
+    assert grads[False].keys() == grads[True].keys()
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 # --------------------------------------------------------------------------- other objectives
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
@@ -73,6 +74,7 @@ class Stack(nn.Module):
         else:
             self.dense = None
         self.final_norm = make_norm(config) if config.norm_position == "pre" else nn.Identity()
+        self.checkpoint_blocks = False  # set by the Trainer: trade recomputation for activation memory
 
     def context(self, q_len: int, past: int, padding, position_ids, device) -> AttentionContext:
         if self.window is not None and past + q_len > self.window:
@@ -88,7 +90,11 @@ class Stack(nn.Module):
         for i, block in enumerate(self.blocks):
             if self.dense is not None and i > 0:
                 x = self.dense[i - 1](torch.cat(outputs, dim=-1))
-            x = block(x, ctx, cache.layers[i] if cache is not None else None, memory, memory_ctx)
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, ctx, layer_cache, memory, memory_ctx, use_reentrant=False)
+            else:
+                x = block(x, ctx, layer_cache, memory, memory_ctx)
             if self.dense is not None:
                 outputs.append(x)
         return self.final_norm(x)

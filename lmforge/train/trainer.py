@@ -52,6 +52,15 @@ def configure_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Op
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
+def bf16_available(device: torch.device) -> bool:
+    """bf16 pays only where matrix units do it natively; elsewhere (AVX2 CPUs) it is emulated and
+    hundreds of times slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warm-up to lr, then cosine decay to the floor at max_steps."""
     if step < config.warmup_steps:
@@ -84,9 +93,13 @@ class Trainer:
         self.bad_steps = 0  # all non-finite steps skipped so far
         self.bad_in_a_row = 0
         self.forward = self._compiled_forward() if config.compile else self.wrapped
+        self.bf16 = bf16_available(self.device) if config.bf16 is None else config.bf16
         self.autocast = (
-            torch.autocast(device_type=self.device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
+            torch.autocast(device_type=self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         )
+        for stack in (model.encoder, model.decoder):
+            if stack is not None:
+                stack.checkpoint_blocks = config.activation_checkpointing
         self.tokens_per_step = config.batch_size * config.grad_accum * block * self.world.world_size
 
     # -- one optimisation step ------------------------------------------------------------
