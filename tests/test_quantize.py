@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from helpers import TINYSHAKESPEARE, one_thread, token_cache  # noqa: F401  (fixtures are registered by import)
 
 import lmforge.quantize as quantize
+from lmforge import kernels
 from lmforge.config import ModelConfig
 from lmforge.generate import GenerationConfig, decode_steps, generate
 from lmforge.model import LanguageModel
@@ -51,31 +52,42 @@ def test_rows_round_to_within_half_a_step():
     assert torch.all(error <= scales[:, None] / 2 + 1e-7)
 
 
-@pytest.mark.parametrize("use_kernel", [True, False])
-@pytest.mark.parametrize("bias", [True, False])
-def test_int8_linear_multiplies_by_its_dequantized_weight(use_kernel, bias, monkeypatch):
-    if use_kernel and not quantize.int8_kernel_available():
+PATHS = ["lmforge kernel", "int8pack", "dequantise"]
+
+
+def force_path(layer: Int8Linear, path: str, monkeypatch) -> None:
+    if path == "lmforge kernel" and not kernels.available():
+        pytest.skip("lmforge's CPU kernel cannot be built here")
+    if path == "int8pack" and not quantize.int8pack_available():
         pytest.skip("this torch has no _weight_int8pack_mm for CPU")
+    if path != "lmforge kernel":
+        monkeypatch.setattr(kernels, "fits", lambda *args: False)
+    layer.use_int8pack = path == "int8pack"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 3, 40])  # decoding sizes, and a prefill-sized product
+def test_int8_linear_multiplies_by_its_dequantized_weight(path, bias, rows, monkeypatch):
     torch.manual_seed(0)
-    linear = nn.Linear(48, 24, bias=bias)
+    linear = nn.Linear(52, 26, bias=bias)  # widths that are not multiples of the kernel's 8 or 4
     layer = Int8Linear.from_linear(linear)
-    layer.use_kernel = use_kernel
-    x = torch.randn(3, 5, 48)
-    expected = F.linear(x, layer.dequantized(), linear.bias)
-    out = layer(x)
-    assert out.shape == (3, 5, 24)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert 0 < relative_error(linear(x), out) < 0.02  # it did round, and only a little
+    force_path(layer, path, monkeypatch)
+    x = torch.randn(rows, 1, 52)
+    with torch.no_grad():
+        expected = F.linear(x, layer.dequantized(), linear.bias)
+        out = layer(x)
+        assert out.shape == (rows, 1, 26)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert 0 < relative_error(linear(x), out) < 0.02  # it did round, and only a little
 
 
-def test_fallback_when_the_kernel_is_missing(monkeypatch):
-    monkeypatch.setattr(quantize, "_KERNEL_WORKS", None)
+def test_int8pack_is_missing(monkeypatch):
+    monkeypatch.setattr(quantize, "_INT8PACK_WORKS", None)
     monkeypatch.delattr(torch, "_weight_int8pack_mm")
-    assert not quantize.int8_kernel_available()
+    assert not quantize.int8pack_available()
     layer = Int8Linear.from_linear(nn.Linear(8, 4))
-    assert not layer.use_kernel
-    x = torch.randn(2, 8)
-    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized(), layer.bias))
+    assert not layer.use_int8pack
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.model.cache import LayerCache
+from lmforge.model.linear import Linear
 from lmforge.model.position import RelativePositionScores, Rotary, alibi_bias, alibi_slopes
 
 
@@ -67,11 +68,11 @@ class Attention(nn.Module):
         self.cross = cross
         q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         if cross:
-            self.q = nn.Linear(config.n_embd, q_width, bias=config.bias)
-            self.kv = nn.Linear(config.n_embd, 2 * kv_width, bias=config.bias)
+            self.q = Linear(config.n_embd, q_width, bias=config.bias)
+            self.kv = Linear(config.n_embd, 2 * kv_width, bias=config.bias)
         else:  # one fused projection: fewer, larger matrix products
-            self.qkv = nn.Linear(config.n_embd, q_width + 2 * kv_width, bias=config.bias)
-        self.proj = nn.Linear(q_width, config.n_embd, bias=config.bias)
+            self.qkv = Linear(config.n_embd, q_width + 2 * kv_width, bias=config.bias)
+        self.proj = Linear(q_width, config.n_embd, bias=config.bias)
         self.dropout = config.attn_dropout
         self.scale = 1.0 / math.sqrt(self.head_dim)
         if config.scale_attn_by_inverse_layer_idx:

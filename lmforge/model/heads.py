@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.model.layers import ACTIVATIONS, make_norm
+from lmforge.model.linear import Linear
 
 
 class LMHead(nn.Module):
@@ -14,7 +15,7 @@ class LMHead(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.proj = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
+        self.proj = Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
 
     def tie(self, embedding: nn.Embedding) -> None:
         self.proj.weight = embedding.weight
@@ -29,10 +30,10 @@ class MLMHead(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.dense = nn.Linear(config.n_embd, config.n_embd)
+        self.dense = Linear(config.n_embd, config.n_embd)
         self.act = ACTIVATIONS["gelu" if config.activation == "swiglu" else config.activation]()
         self.norm = make_norm(config)
-        self.proj = nn.Linear(config.n_embd, config.vocab_size)
+        self.proj = Linear(config.n_embd, config.vocab_size)
 
     def tie(self, embedding: nn.Embedding) -> None:
         self.proj.weight = embedding.weight
@@ -47,9 +48,9 @@ class ClassifierHead(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.pool = nn.Linear(config.n_embd, config.n_embd)
+        self.pool = Linear(config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
-        self.out = nn.Linear(config.n_embd, config.n_labels)
+        self.out = Linear(config.n_embd, config.n_labels)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.out(self.dropout(torch.tanh(self.pool(hidden[:, 0]))))

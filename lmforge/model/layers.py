@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lmforge.model.attention import Attention, AttentionContext
 from lmforge.model.cache import LayerCache
+from lmforge.model.linear import Linear
 from lmforge.model.position import Rotary
 
 
@@ -31,8 +32,8 @@ class FeedForward(nn.Module):
         super().__init__()
         width = config.ffn_width
         self.gated = config.activation == "swiglu"
-        self.up = nn.Linear(config.n_embd, 2 * width if self.gated else width, bias=config.bias)
-        self.down = nn.Linear(width, config.n_embd, bias=config.bias)
+        self.up = Linear(config.n_embd, 2 * width if self.gated else width, bias=config.bias)
+        self.down = Linear(width, config.n_embd, bias=config.bias)
         self.act = None if self.gated else ACTIVATIONS[config.activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from lmforge.model.attention import AttentionContext, build_mask
 from lmforge.model.cache import KVCache
 from lmforge.model.heads import LMHead, MLMHead
 from lmforge.model.layers import Block, make_norm
+from lmforge.model.linear import Linear
 from lmforge.model.position import Rotary, SinusoidalPositions
 
 
@@ -69,7 +70,7 @@ class Stack(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i, causal, cross, rotary) for i in range(n_layers))
         if config.dense_connections:  # layer i reads a projection of the embeddings and all i outputs
             self.dense = nn.ModuleList(
-                nn.Linear((i + 1) * config.n_embd, config.n_embd, bias=config.bias) for i in range(1, n_layers)
+                Linear((i + 1) * config.n_embd, config.n_embd, bias=config.bias) for i in range(1, n_layers)
             )
         else:
             self.dense = None

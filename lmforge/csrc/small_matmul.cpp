@@ -1,0 +1,94 @@
+// y = x @ w^T * scales + bias for a few rows of x: the matrix products of decoding.
+//
+// Decoding one token per sequence multiplies M = batch rows (1 to 8) by every weight matrix, so
+// each weight is read from memory once and used only M times: speed is set by memory bandwidth.
+// MKL runs these shapes on one thread at about half the machine's read bandwidth; this kernel
+// splits the weight rows over torch's threads and streams them with AVX2 fused multiply-adds.
+//
+// Weights are (N, K) row-major, fp32 or int8 (converted to fp32 in registers, so the product
+// is exact fp32 arithmetic on the int8 values); scales (N,) multiply each output column.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline __m256 load8(const int8_t* p) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+// x . w over K: four independent accumulators keep several multiply-adds in flight. One row
+// at a time, so each thread reads its share of the weights as one sequential stream, which the
+// hardware prefetcher follows best (interleaving four rows measured 9 GB/s for int8, this 20).
+template <typename W>
+inline float dot(const float* x, const W* w, int64_t K) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8(w + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load8(w + k + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load8(w + k + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load8(w + k + 24), a3);
+  }
+  for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8(w + k), a0);
+  float sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; k < K; ++k) sum += x[k] * static_cast<float>(w[k]);
+  return sum;
+}
+
+template <typename W>
+void matmul_rows(const float* x, const W* w, const float* scales, const float* bias, float* y, int64_t M,
+                 int64_t N, int64_t K) {
+  at::parallel_for(0, N, 64, [&](int64_t first, int64_t last) {  // each thread: one contiguous range of rows
+    for (int64_t n = first; n < last; ++n) {
+      const float scale = scales ? scales[n] : 1.0f;
+      const float shift = bias ? bias[n] : 0.0f;
+      for (int64_t m = 0; m < M; ++m) {  // the row stays in L1 for the other rows of x
+        y[m * N + n] = dot(x + m * K, w + n * K, K) * scale + shift;
+      }
+    }
+  });
+}
+
+at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scales,
+                        const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "small_matmul: x must be a 2-D float32 tensor");
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.is_contiguous(),
+              "small_matmul: w must be a contiguous (N, K) matrix with K = x.size(1)");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kChar, "small_matmul: w must be float32 or int8");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  for (const auto& v : {scales, bias}) {
+    TORCH_CHECK(!v || (v->scalar_type() == at::kFloat && v->is_contiguous() && v->numel() == N),
+                "small_matmul: scales and bias must be contiguous float32 vectors of length N");
+  }
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* s = scales ? scales->data_ptr<float>() : nullptr;
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  if (w.scalar_type() == at::kChar) {
+    matmul_rows(xc.data_ptr<float>(), w.data_ptr<int8_t>(), s, b, y.data_ptr<float>(), M, N, K);
+  } else {
+    matmul_rows(xc.data_ptr<float>(), w.data_ptr<float>(), s, b, y.data_ptr<float>(), M, N, K);
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lmforge, m) { m.def("small_matmul(Tensor x, Tensor w, Tensor? scales, Tensor? bias) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(lmforge, CPU, m) { m.impl("small_matmul", &small_matmul); }
