@@ -23,13 +23,7 @@ D = 32  # n_embd
 P = 32  # block_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: threads only add overhead, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from helpers import one_thread  # noqa: E402,F401  (an autouse fixture: tiny matrices run on one thread)
 
 
 def make_model(seed: int = 0, **overrides) -> LanguageModel:
