@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from lmforge.config import ModelConfig
 from lmforge.interop.mapping import (
+    CLASSIC_LAYOUT,
     ROW,
     BlockNames,
     Family,
@@ -71,6 +72,7 @@ def config_from_hf(hf: HFConfig, architecture: str) -> dict:
     # untied, transformers keeps three tables (encoder, decoder, head); the core shares one
     hf.expect("tie_word_embeddings", True)
     return dict(
+        **CLASSIC_LAYOUT,
         arch="encoder-decoder",
         vocab_size=hf["vocab_size"],
         block_size=hf["max_position_embeddings"],
@@ -80,11 +82,8 @@ def config_from_hf(hf: HFConfig, architecture: str) -> dict:
         n_embd=hf["d_model"],
         d_ff=hf.same("decoder_ffn_dim", "encoder_ffn_dim"),
         activation=hf.activation("activation_function"),
-        norm="layernorm",
         norm_eps=NORM_EPS,
         norm_position="post",
-        position="learned",
-        bias=True,
         dropout=hf["dropout"],
         attn_dropout=hf["attention_dropout"],
         tie_embeddings=True,

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.interop.mapping import (
+    CLASSIC_LAYOUT,
     BlockNames,
     Family,
     HFConfig,
@@ -71,6 +72,7 @@ def config_from_hf(hf: HFConfig, architecture: str) -> dict:
     if hf["type_vocab_size"] < 1:
         raise hf.refuse("type_vocab_size", "BERT needs at least 1")
     return dict(
+        **CLASSIC_LAYOUT,
         arch="encoder",
         vocab_size=hf["vocab_size"],
         block_size=hf["max_position_embeddings"],
@@ -79,11 +81,8 @@ def config_from_hf(hf: HFConfig, architecture: str) -> dict:
         n_embd=hf["hidden_size"],
         d_ff=hf["intermediate_size"],
         activation=hf.activation("hidden_act"),
-        norm="layernorm",
         norm_eps=hf["layer_norm_eps"],
         norm_position="post",
-        position="learned",
-        bias=True,
         dropout=hf["hidden_dropout_prob"],
         attn_dropout=hf["attention_probs_dropout_prob"],
         tie_embeddings=hf["tie_word_embeddings"],

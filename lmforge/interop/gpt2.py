@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from lmforge.config import ModelConfig
 from lmforge.interop.mapping import (
+    CLASSIC_LAYOUT,
     TRANSPOSE,
     BlockNames,
     Family,
@@ -52,6 +53,7 @@ def config_from_hf(hf: HFConfig, architecture: str) -> dict:
     hf.expect("scale_attn_weights", True)
     # reorder_and_upcast_attn only reorders the same fp32 arithmetic (and upcasts under autocast): accepted
     return dict(
+        **CLASSIC_LAYOUT,
         arch="decoder",
         vocab_size=hf["vocab_size"],
         block_size=hf["n_positions"],
@@ -60,11 +62,8 @@ def config_from_hf(hf: HFConfig, architecture: str) -> dict:
         n_embd=hf["n_embd"],
         d_ff=hf["n_inner"],
         activation=hf.activation("activation_function"),
-        norm="layernorm",
         norm_eps=hf["layer_norm_epsilon"],
         norm_position="pre",
-        position="learned",
-        bias=True,
         dropout=hf["resid_pdrop"],
         attn_dropout=hf["attn_pdrop"],
         tie_embeddings=hf["tie_word_embeddings"],

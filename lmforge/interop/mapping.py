@@ -130,6 +130,10 @@ def weights_to_hf(params: Iterable[Param], state: dict[str, torch.Tensor]) -> di
 
 # ---------------------------------------------------------------- configs
 
+# What GPT-2, BERT and BART all are, stated once: LayerNorm, learned absolute positions, biases.
+# Spelled out on import because lmforge's own defaults differ (rotary positions).
+CLASSIC_LAYOUT = {"norm": "layernorm", "position": "learned", "bias": True}
+
 ACTIVATIONS_FROM_HF = {  # transformers' ACT2FN names -> ours; the tanh forms agree to ~1e-10
     "gelu": "gelu",
     "gelu_python": "gelu",
