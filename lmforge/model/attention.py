@@ -27,6 +27,7 @@ class AttentionContext:
     is_causal: bool  # let SDPA apply the causal mask itself (only when mask is None)
     position_ids: torch.Tensor | None = None  # (B or 1, Tq): token positions, for RoPE
     q_index: torch.Tensor | None = None  # (Tq,): index of each query in the key sequence
+    rotary_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # RoPE cos/sin, looked up by the first layer
 
 
 def build_mask(
@@ -91,6 +92,7 @@ class Attention(nn.Module):
             self.alibi = None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, T, n·hd) or (B, T, n, hd) → (B, n, T, hd), a view."""
         return x.view(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)
 
     def forward(
@@ -111,10 +113,17 @@ class Attention(nn.Module):
                 if cache is not None:
                     cache.cross = (k, v)
         else:
-            q, k, v = self.qkv(x).split([self.n_head * self.head_dim, kv_width, kv_width], dim=-1)
+            q_width = self.n_head * self.head_dim
+            qkv = self.qkv(x)
+            if self.rotary is None:
+                q, k = qkv[..., :q_width], qkv[..., q_width : q_width + kv_width]
+            else:  # queries and keys rotate together: one pass over both
+                if ctx.rotary_tables is None:
+                    ctx.rotary_tables = self.rotary.tables(ctx.position_ids, x.dtype)
+                qk = qkv[..., : q_width + kv_width].view(B, T, self.n_head + self.n_kv_head, self.head_dim)
+                q, k = self.rotary.rotate(qk, *ctx.rotary_tables).split([self.n_head, self.n_kv_head], dim=2)
+            v = qkv[..., q_width + kv_width :]
             q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
-            if self.rotary is not None:
-                q, k = self.rotary(q, ctx.position_ids), self.rotary(k, ctx.position_ids)
             if cache is not None:
                 k, v = cache.append(k, v)
 

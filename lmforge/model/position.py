@@ -37,24 +37,30 @@ class Rotary(nn.Module):
     """RoPE: rotates feature pairs of queries and keys by an angle proportional to position, so
     q·k depends only on the distance between the two positions.
 
-    Pairs are (i, i + d/2), the "rotate half" layout of GPT-NeoX and Llama: two slices and one
-    concatenation, cheaper than interleaved (even, odd) pairs."""
+    Pairs are (i, i + d/2), the "rotate half" layout of GPT-NeoX and Llama. With the sine's first
+    half negated, the whole rotation is x·cos + roll(x, d/2)·sin: three operations, which
+    attention applies to queries and keys together (they sit side by side in its projection)."""
 
     def __init__(self, head_dim: int, n_positions: int, theta: float = 10000.0):
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], dim=-1).float(), persistent=False)
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=-1).float(), persistent=False)
+
+    def tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) for position_ids (batch or 1, time), shaped (batch or 1, time, 1, head_dim)
+        to broadcast over the heads of a (batch, time, heads, head_dim) tensor."""
+        return self.cos[position_ids].unsqueeze(2).to(dtype), self.sin[position_ids].unsqueeze(2).to(dtype)
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """x: (batch, heads, time, head_dim); position_ids: (batch or 1, time)."""
-        cos = self.cos[position_ids].unsqueeze(1).to(x.dtype)  # (B, 1, T, hd)
-        sin = self.sin[position_ids].unsqueeze(1).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        cos, sin = self.tables(position_ids, x.dtype)
+        return self.rotate(x, cos.transpose(1, 2), sin.transpose(1, 2))
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
