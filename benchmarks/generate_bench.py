@@ -12,9 +12,10 @@ the read bandwidth (measured here, in the same run, by summing a 512 MB tensor) 
 bytes of weights one step reads. Quality of int8: mean per-token NLL of fp32 and int8 on the
 same tokens, for the random model and for a small char model trained briefly on tiny Shakespeare.
 
-    python benchmarks/generate_bench.py [--repeats 5] [--markdown] [--json-out FILE]
+    python benchmarks/generate_bench.py [--repeats 5] [--readme] [--json-out FILE]
 
-Prints one JSON object (and with --markdown a table). Never asserts a time.
+Prints one JSON object and a markdown table; --readme also saves the JSON in benchmarks/results/
+and the table in README.md. Never asserts a time.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, publish, summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -140,23 +142,6 @@ def char_model_perplexity(steps: int) -> dict:
             "perplexity_change_percent": 100 * (math.exp(int8 - fp32) - 1)}
 
 
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def machine() -> dict:
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
-
-
 def interleaved_runs(runners: dict, prompts: dict, repeats: int) -> tuple[dict, dict, dict, list[float]]:
     """Every runner on every batch, in turns; returns (runs, warm-up seconds, outputs, bandwidths).
     runs[(batch, name)] is a list of (seconds, seconds to the first token); the read bandwidth is
@@ -261,10 +246,12 @@ def main() -> None:
     parser.add_argument("--char-steps", type=int, default=300, help="training steps of the char model (0: skip)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time lmforge with GenerationConfig(compile=True) (default on)")
-    parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
+    parser.add_argument("--markdown", action="store_true", help=argparse.SUPPRESS)  # the table is always printed
+    parser.add_argument("--readme", action="store_true", help="also save JSON in benchmarks/results/, table in README")
     parser.add_argument("--json-out")
     args = parser.parse_args()
-    command = "python benchmarks/generate_bench.py " + " ".join(sys.argv[1:])
+    shown = [a for a in sys.argv[1:] if a not in ("--readme", "--markdown")]
+    command = "python benchmarks/generate_bench.py " + " ".join(shown)
     result = {"benchmark": "greedy decoding, GPT-2-small shape (124M, random weights), lmforge vs transformers",
               "command": command.strip(), "machine": machine(),
               "settings": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
@@ -274,9 +261,10 @@ def main() -> None:
     print(text)
     if args.json_out:
         Path(args.json_out).write_text(text + "\n")
-    if args.markdown:
-        print()
-        print(markdown(result, args.batches))
+    table = markdown(result, args.batches)
+    print("\n" + table)
+    if args.readme:
+        publish("generate", result, table)
 
 
 if __name__ == "__main__":

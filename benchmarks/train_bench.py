@@ -1,14 +1,26 @@
-"""Character-level tiny-Shakespeare training: lmforge against Hugging Face GPT-2, same run.
+"""Training speed and quality on character-level tiny Shakespeare: lmforge against Hugging Face
+GPT-2, in the same run.
 
-nanoGPT's CPU "baby GPT" settings: 4 layers, 4 heads, 128 wide, block 64, batch 12, 2000 steps,
-lr 1e-3 (warm-up 100, cosine to 1e-4), AdamW betas (0.9, 0.99), weight decay 0.1, clip 1.0,
-no dropout. Both models start from the same weights and see the same batches; their steps are
-interleaved (A B A B ...) so machine noise hits both alike. Each runs the way its users run it:
-lmforge through its Trainer, transformers' GPT2LMHeadModel with torch AdamW as its Trainer's
-default ("adamw_torch"). Peak memory is measured separately, one short subprocess per model,
-because two models in one process share one peak.
+Two shapes (`--config`):
+  tiny  nanoGPT's CPU "baby GPT": 4 layers, 4 heads, 128 wide, block 64, batch 12, 2000 steps;
+        Python and dispatch overhead weigh heavily at this size.
+  mid   6 layers, 6 heads, 384 wide, block 256, batch 16: the matrix products dominate.
+Both use lr 1e-3 (warm-up 100, cosine to 1e-4), AdamW betas (0.9, 0.99), weight decay 0.1,
+clip 1.0, no dropout, exact GELU.
 
-    python benchmarks/train_bench.py [--steps 2000] [--json-out FILE]
+Contestants start from the same weights and see the same batches; their steps are interleaved
+(A B C A B C ...) so machine noise hits all alike. lmforge runs through its Trainer;
+transformers' GPT2LMHeadModel with torch AdamW, its Trainer's default ("adamw_torch"). Each
+step's FLOPs are set against the matrix-product peak measured in the same run, so the table
+also says how far from the machine's limit every contestant is. Peak memory is measured in
+separate short subprocesses (two models in one process share one peak).
+
+`--time-to-quality` instead races lmforge's recipe (its default rotary model, a higher learning
+rate, a schedule sized to the target) against the baseline recipe in transformers, until each
+reaches the target validation loss, and compares their training wall times.
+
+    python benchmarks/train_bench.py [--config tiny|mid] [--steps N] [--compile] [--readme]
+    python benchmarks/train_bench.py --time-to-quality [--readme]
 
 Prints one JSON object. Never asserts a time.
 """
@@ -16,10 +28,9 @@ Prints one JSON object. Never asserts a time.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,42 +40,47 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, matmul_gflops, publish, summary  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-SETTINGS = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, lr=1e-3, min_lr=1e-4,
-                warmup_steps=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
+RECIPE = dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
+CONFIGS = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, steps=2000, eval_every=250),
+    "mid": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16, steps=40, eval_every=0),
+}
+NAMES = {"lmforge": "lmforge (GPT-2 layout)", "hf": "transformers GPT2LMHeadModel",
+         "lmforge_compiled": "lmforge (GPT-2 layout), torch.compile", "lmforge_rope": "lmforge default (RoPE)"}
 
 
-def build(steps: int, cache_dir: str, position: str = "learned", with_hf: bool = True):
-    """lmforge Trainer (+ HF model with copied weights + an identical batch stream for HF).
+class Data:
+    """Char tokenizer and train/val token stores, built once per run in a throwaway cache."""
 
-    position "learned" is GPT-2's layout, the one HF can be compared with; "rope" is lmforge's
-    default, trained on the same batches to show what the better default buys."""
-    os.environ["LMFORGE_CACHE_DIR"] = cache_dir
+    def __init__(self, cache_dir: str):
+        os.environ["LMFORGE_CACHE_DIR"] = cache_dir
+        from lmforge.data.store import build_token_stores
+        from lmforge.tokenize import Tokenizer
+
+        text = DATA.read_text(encoding="utf-8")
+        self.tokenizer = Tokenizer.train("char", [text])
+        self.train, self.val = build_token_stores([text], self.tokenizer, val_fraction=0.1)
+
+
+def make_trainer(data: Data, shape: dict, steps: int, position: str = "learned", **recipe):
+    """An lmforge Trainer for `shape`; position "learned" is GPT-2's layout (the one transformers
+    can be compared with), "rope" lmforge's default. Seeded, so every call starts equal."""
     from lmforge.config import ModelConfig, TrainConfig
-    from lmforge.data.collate import WindowSampler
-    from lmforge.data.store import build_token_stores
     from lmforge.model import LanguageModel
-    from lmforge.tokenize import Tokenizer
     from lmforge.train.trainer import Trainer
 
-    text = DATA.read_text(encoding="utf-8")
-    tokenizer = Tokenizer.train("char", [text])
-    train_store, val_store = build_token_stores([text], tokenizer, val_fraction=0.1)
-    s = SETTINGS
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=s["n_layer"], n_head=s["n_head"],
-                         n_embd=s["n_embd"], block_size=s["block_size"], activation="gelu", position=position,
-                         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    train_config = TrainConfig(batch_size=s["batch_size"], lr=s["lr"], min_lr=s["min_lr"],
-                               warmup_steps=s["warmup_steps"], max_steps=steps, beta2=s["beta2"],
-                               weight_decay=s["weight_decay"], grad_clip=s["grad_clip"], progress=False,
-                               eval_every=10**9, save_every=10**9)
+    config = ModelConfig(vocab_size=data.tokenizer.vocab_size, n_layer=shape["n_layer"], n_head=shape["n_head"],
+                         n_embd=shape["n_embd"], block_size=shape["block_size"], activation="gelu",
+                         position=position, eos_token_id=data.tokenizer.eos_id, pad_token_id=data.tokenizer.pad_id)
+    train_config = TrainConfig(batch_size=shape["batch_size"], max_steps=steps, progress=False,
+                               eval_every=10**9, save_every=10**9, **{**RECIPE, **recipe})
     torch.manual_seed(1337)
-    model = LanguageModel(config)
-    trainer = Trainer(model, train_config, train_store, val_store, tempfile.mkdtemp(), tokenizer)
-    hf = hf_copy(model) if with_hf else None  # importing transformers alone costs ~200 MB
-    hf_sampler = WindowSampler(train_store, s["block_size"], s["batch_size"], train_config.seed)
-    return trainer, hf, hf_sampler, val_store
+    return Trainer(LanguageModel(config), train_config, data.train, data.val, tempfile.mkdtemp(), data.tokenizer)
 
 
 def hf_copy(model):
@@ -95,147 +111,269 @@ def hf_copy(model):
     return hf.train()
 
 
-def hf_optimizer(hf):
-    decay = [p for n, p in hf.named_parameters() if p.dim() >= 2 and "wte" not in n and "wpe" not in n]
-    rest = [p for n, p in hf.named_parameters() if not (p.dim() >= 2 and "wte" not in n and "wpe" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": SETTINGS["weight_decay"]},
-                              {"params": rest, "weight_decay": 0.0}], lr=SETTINGS["lr"], betas=(0.9, SETTINGS["beta2"]))
+class HFRunner:
+    """transformers' model stepped the way its users train it, on lmforge's batch stream and
+    learning-rate schedule (so both sides see identical batches and rates)."""
 
+    def __init__(self, twin, data: Data, shape: dict, train_config):
+        from lmforge.data.collate import WindowSampler
 
-def hf_step(hf, optimizer, sampler, lr: float) -> float:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    x, y = sampler.next_batch()
-    logits = hf(input_ids=x).logits
-    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(hf.parameters(), SETTINGS["grad_clip"])
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+        self.model, self.config, self.step = hf_copy(twin), train_config, 0
+        decay = lambda n, p: p.dim() >= 2 and "wte" not in n and "wpe" not in n  # noqa: E731
+        params = list(self.model.named_parameters())
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for n, p in params if decay(n, p)], "weight_decay": train_config.weight_decay},
+             {"params": [p for n, p in params if not decay(n, p)], "weight_decay": 0.0}],
+            lr=train_config.lr, betas=(train_config.beta1, train_config.beta2))
+        self.sampler = WindowSampler(data.train, shape["block_size"], shape["batch_size"], train_config.seed)
+
+    def train_step(self) -> float:
+        from lmforge.train.trainer import lr_at
+
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.config)
+        x, y = self.sampler.next_batch()
+        loss = F.cross_entropy(self.model(input_ids=x).logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss.item()
+
+    def logits(self, x):
+        return self.model(input_ids=x).logits
 
 
 @torch.no_grad()
-def val_loss(forward, store, block: int) -> float:
-    """Exact loss over every validation token (non-overlapping windows)."""
+def val_loss(module, logits, store, block: int) -> float:
+    """Exact loss over every validation token (non-overlapping windows), outside the timed steps."""
     from lmforge.data.collate import eval_windows
 
+    module.eval()
     total, count = 0.0, 0
     for x, y in eval_windows(store, block, 64):
-        logits = forward(x)
-        total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"))
+        total += float(F.cross_entropy(logits(x).flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"))
         count += int((y != -100).sum())
+    module.train()
     return total / count
 
 
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+def contest(racers: dict, steps: dict, eval_every: int, block: int, val_store, target: float | None = None) -> dict:
+    """Step every racer in turn until each has done its steps (or, with a target, reached it).
+    racers[name] = (train_step, module, logits). Returns per-racer step times and val curves."""
+    times = {name: [] for name in racers}
+    curves = {name: [] for name in racers}
+    active = list(racers)
+    while active:
+        for name in list(active):
+            train_step, module, logits = racers[name]
+            tick = time.perf_counter()
+            train_step()
+            times[name].append(time.perf_counter() - tick)
+            done = len(times[name])
+            if eval_every and (done % eval_every == 0 or done == steps[name]):
+                loss = val_loss(module, logits, val_store, block)
+                curves[name].append({"step": done, "train_seconds": sum(times[name]), "val_loss": loss})
+                if target is not None and loss <= target:
+                    active.remove(name)
+                    continue
+            if done == steps[name]:
+                active.remove(name)
+    return {"times": times, "curves": curves}
 
 
-def interleaved(steps: int, eval_every: int, target: float) -> dict:
-    """Three contestants, one step each in turn: lmforge (GPT-2 layout), transformers (same
-    weights), lmforge with its default rotary positions. Validation curves are measured outside
-    the timed steps."""
-    from lmforge.train.trainer import lr_at
+def first_below(curve: list[dict], target: float) -> dict | None:
+    return next((point for point in curve if point["val_loss"] <= target), None)
 
+
+def speed(args, shape: dict) -> dict:
+    """The interleaved speed (and, for tiny, quality) comparison."""
+    from lmforge.train.trainer import configure_optimizer
+
+    steps = args.steps or shape["steps"]
+    eval_every = shape["eval_every"] if args.eval_every is None else args.eval_every
     with tempfile.TemporaryDirectory() as cache:
-        trainer, hf, hf_sampler, val_store = build(steps, cache)
-        rope_trainer = build(steps, cache, position="rope", with_hf=False)[0]
-        optimizer = hf_optimizer(hf)
-        steppers = {
-            "lmforge": trainer.train_step,
-            "hf": lambda: hf_step(hf, optimizer, hf_sampler, lr_at(len(times["hf"]), trainer.config)),
-            "lmforge_rope": rope_trainer.train_step,
-        }
-        forwards = {"lmforge": lambda x: trainer.model(x).logits, "hf": lambda x: hf(input_ids=x).logits,
-                    "lmforge_rope": lambda x: rope_trainer.model(x).logits}
-        modules = {"lmforge": trainer.model, "hf": hf, "lmforge_rope": rope_trainer.model}
-        times: dict[str, list[float]] = {name: [] for name in steppers}
-        curves: dict[str, list[dict]] = {name: [] for name in steppers}
+        data = Data(cache)
+        trainer = make_trainer(data, shape, steps)
+        hf = HFRunner(trainer.model, data, shape, trainer.config)
+        racers = {"lmforge": (trainer.train_step, trainer.model, lambda x: trainer.model(x).logits),
+                  "hf": (hf.train_step, hf.model, hf.logits)}
+        compile_seconds = None
+        if args.compile:
+            compiled = make_trainer(data, shape, steps, compile=True)
+            initial, position = copy.deepcopy(compiled.model.state_dict()), compiled.sampler.state_dict()
+            tick = time.perf_counter()
+            compiled.train_step()  # compiles; then back to the start, so it races on equal terms
+            compile_seconds = time.perf_counter() - tick
+            compiled.model.load_state_dict(initial)
+            compiled.optimizer = configure_optimizer(compiled.model, compiled.config)
+            compiled.sampler.load_state_dict(position)
+            compiled.step = 0
+            racers["lmforge_compiled"] = (compiled.train_step, compiled.model, lambda x: compiled.model(x).logits)
+        if args.rope:
+            rope = make_trainer(data, shape, steps, position="rope")
+            racers["lmforge_rope"] = (rope.train_step, rope.model, lambda x: rope.model(x).logits)
+        flops_per_step = trainer.model.flops_per_token(shape["block_size"]) * shape["batch_size"] * shape["block_size"]
+        peak_before = matmul_gflops()
         started = time.perf_counter()
-        for step in range(1, steps + 1):
-            for name, train_step in steppers.items():
-                tick = time.perf_counter()
-                train_step()
-                times[name].append(time.perf_counter() - tick)
-            if step % eval_every == 0 or step == steps:
-                for name in steppers:
-                    modules[name].eval()
-                    loss = val_loss(forwards[name], val_store, SETTINGS["block_size"])
-                    modules[name].train()
-                    curves[name].append({"step": step, "train_seconds": sum(times[name]), "val_loss": loss})
+        raced = contest(racers, dict.fromkeys(racers, steps), eval_every, shape["block_size"], data.val)
         wall = time.perf_counter() - started
-    tokens = SETTINGS["batch_size"] * SETTINGS["block_size"]
-    result: dict = {}
-    for name in steppers:
-        warm = times[name][10:] or times[name]
+        peak = max(peak_before, matmul_gflops())
+    tokens = shape["batch_size"] * shape["block_size"]
+    result = {"interleaved_wall_seconds": wall, "flops_per_step": flops_per_step, "matmul_peak_gflops": peak,
+              "floor_ms_per_step": flops_per_step / peak / 1e6}
+    for name in racers:
+        warm = raced["times"][name][10:] or raced["times"][name]
         ms = summary([t * 1000 for t in warm])
-        reached = next((point for point in curves[name] if point["val_loss"] <= target), None)
+        curve = raced["curves"][name]
+        reached = first_below(curve, args.target) if curve else None
         result[name] = {"ms_per_step": ms, "tokens_per_s": tokens / (ms["median"] / 1000),
-                        "train_seconds": sum(times[name]), "final_val_loss": curves[name][-1]["val_loss"],
-                        "val_curve": curves[name],
-                        f"seconds_to_val_{target}": reached["train_seconds"] if reached else None}
-    result["speedup_tokens_per_s"] = result["lmforge"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
-    result["interleaved_wall_seconds"] = wall
+                        "fraction_of_matmul_peak": flops_per_step / (ms["median"] / 1000) / (peak * 1e9),
+                        "train_seconds": sum(raced["times"][name]),
+                        "final_val_loss": curve[-1]["val_loss"] if curve else None, "val_curve": curve,
+                        f"first_step_val_le_{args.target}": reached["step"] if reached else None}
+    if compile_seconds is not None:
+        result["lmforge_compiled"]["compile_seconds"] = compile_seconds
+    hf_rate = result["hf"]["tokens_per_s"]
+    for name in racers:
+        result[name]["speedup_vs_hf"] = result[name]["tokens_per_s"] / hf_rate
+    result["hf_ms_over_floor"] = result["hf"]["ms_per_step"]["median"] / result["floor_ms_per_step"]
     return result
 
 
-def peak_memory(which: str, steps: int) -> None:
+def peak_memory(which: str, config: str, steps: int) -> None:
     """Child process: train `which` alone for a few steps and print its peak RSS in MB."""
+    shape = CONFIGS[config]
     with tempfile.TemporaryDirectory() as cache:
-        trainer, hf, hf_sampler, _ = build(steps, cache, with_hf=which == "hf")
-        if which == "lmforge":
-            for _ in range(steps):
-                trainer.train_step()
-        else:
-            optimizer = hf_optimizer(hf)
-            trainer.model = None
-            for _ in range(steps):
-                hf_step(hf, optimizer, hf_sampler, SETTINGS["lr"])
+        data = Data(cache)
+        runner = make_trainer(data, shape, steps)
+        if which == "hf":
+            runner = HFRunner(runner.model, data, shape, runner.config)  # the lmforge trainer is freed here
+        for _ in range(steps):
+            runner.train_step()
     # VmHWM, not ru_maxrss: Linux carries the parent's peak across fork+exec into ru_maxrss.
     status = Path("/proc/self/status").read_text()
     print(next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024)
 
 
+def speed_table(result: dict, config: str) -> str:
+    racers = [name for name in NAMES if name in result]
+    lines = ["| | " + " | ".join(NAMES[name] for name in racers) + " |", "|---" * (len(racers) + 1) + "|"]
+
+    def row(label, cell):
+        lines.append(f"| {label} | " + " | ".join(cell(result[name]) for name in racers) + " |")
+
+    row("ms per step, median (min–max)",
+        lambda r: f"{r['ms_per_step']['median']:.1f} ({r['ms_per_step']['min']:.1f}–{r['ms_per_step']['max']:.1f})")
+    row("tokens/s (median step)", lambda r: f"{r['tokens_per_s']:,.0f}")
+    row("× transformers", lambda r: f"{r['speedup_vs_hf']:.2f}")
+    row("% of the matrix-product peak", lambda r: f"{100 * r['fraction_of_matmul_peak']:.0f}%")
+    if result["lmforge"]["val_curve"]:
+        row("final validation loss (every val token)", lambda r: f"{r['final_val_loss']:.4f}")
+        key = next(k for k in result["lmforge"] if k.startswith("first_step_val_le_"))
+        row(f"first validation ≤ {key.rsplit('_', 1)[1]}", lambda r: f"step {r[key]}" if r[key] else "not reached")
+    if "peak_rss_mb" in result["lmforge"]:
+        row("peak RSS, training alone", lambda r: f"{r['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in r else "–")
+    if "lmforge_compiled" in result:
+        lines.append(f"\nCompiling took {result['lmforge_compiled']['compile_seconds']:.0f} s (not in the table).")
+    lines.append(f"\nOne step is {result['flops_per_step'] / 1e9:.2f} GFLOP; at the measured matrix-product peak of "
+                 f"{result['matmul_peak_gflops']:.0f} GFLOP/s that is {result['floor_ms_per_step']:.1f} ms, the floor "
+                 f"no implementation can beat in fp32 (transformers takes {result['hf_ms_over_floor']:.2f}× it).")
+    return "\n".join(lines)
+
+
+def time_to_quality(args) -> dict:
+    """Baseline recipe in transformers (GPT-2 layout) against lmforge's recipe, raced to the target."""
+    shape = CONFIGS["tiny"]
+    with tempfile.TemporaryDirectory() as cache:
+        data = Data(cache)
+        twin = make_trainer(data, shape, args.baseline_steps)
+        hf = HFRunner(twin.model, data, shape, twin.config)
+        ours = make_trainer(data, shape, args.recipe_steps, position="rope", lr=args.recipe_lr,
+                            min_lr=args.recipe_lr / 10)
+        racers = {"baseline": (hf.train_step, hf.model, hf.logits),
+                  "lmforge": (ours.train_step, ours.model, lambda x: ours.model(x).logits)}
+        steps = {"baseline": args.baseline_steps, "lmforge": args.recipe_steps}
+        raced = contest(racers, steps, args.ttq_eval_every, shape["block_size"], data.val, target=args.target)
+    result = {"target_val_loss": args.target, "eval_every": args.ttq_eval_every}
+    for name in racers:
+        reached = first_below(raced["curves"][name], args.target)
+        result[name] = {"schedule_steps": steps[name], "reached_at_step": reached["step"] if reached else None,
+                        "train_seconds_to_target": reached["train_seconds"] if reached else None,
+                        "median_ms_per_step": summary([t * 1000 for t in raced["times"][name]])["median"],
+                        "val_curve": raced["curves"][name]}
+    result["baseline"]["recipe"] = f"transformers GPT2LMHeadModel, {RECIPE}, cosine over {args.baseline_steps} steps"
+    result["lmforge"]["recipe"] = (f"lmforge default (RoPE), lr {args.recipe_lr} (floor {args.recipe_lr / 10}), "
+                                   f"cosine over {args.recipe_steps} steps, otherwise the same")
+    times = [result[name]["train_seconds_to_target"] for name in racers]
+    result["time_ratio"] = times[1] / times[0] if all(times) else None
+    return result
+
+
+def ttq_table(result: dict) -> str:
+    lines = ["| | recipe | schedule | first validation ≤ " + f"{result['target_val_loss']} | training seconds to it |",
+             "|---|---|---:|---:|---:|"]
+    for name, label in (("baseline", "baseline"), ("lmforge", "lmforge")):
+        r = result[name]
+        reached = f"step {r['reached_at_step']}" if r["reached_at_step"] else "not reached"
+        seconds = f"{r['train_seconds_to_target']:.1f}" if r["train_seconds_to_target"] else "–"
+        lines.append(f"| {label} | {r['recipe']} | {r['schedule_steps']} steps | {reached} | {seconds} |")
+    if result["time_ratio"]:
+        lines.append(f"\nlmforge needs {100 * result['time_ratio']:.0f}% of the baseline's training time.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--memory-steps", type=int, default=50)
-    parser.add_argument("--eval-every", type=int, default=250, help="validation curve spacing (untimed)")
-    parser.add_argument("--target", type=float, default=1.88, help="time-to-quality threshold")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument("--steps", type=int, help="steps per contestant (default: 2000 tiny, 40 mid)")
+    parser.add_argument("--eval-every", type=int, help="validation curve spacing, untimed (0: none)")
+    parser.add_argument("--target", type=float, default=1.88, help="validation loss of the quality target")
+    parser.add_argument("--compile", action="store_true", help="add lmforge with torch.compile")
+    parser.add_argument("--rope", action=argparse.BooleanOptionalAction, default=True,
+                        help="add lmforge's default model (rotary positions)")
+    parser.add_argument("--memory-steps", type=int, default=50, help="steps of the peak-memory runs (0: skip)")
+    parser.add_argument("--time-to-quality", action="store_true", help="race lmforge's recipe against the baseline")
+    parser.add_argument("--baseline-steps", type=int, default=3000, help="baseline schedule length (time to quality)")
+    parser.add_argument("--recipe-steps", type=int, default=1000, help="lmforge schedule length (time to quality)")
+    parser.add_argument("--recipe-lr", type=float, default=2e-3, help="lmforge peak learning rate (time to quality)")
+    parser.add_argument("--ttq-eval-every", type=int, default=50)
+    parser.add_argument("--readme", action="store_true", help="also save JSON in benchmarks/results/, table in README")
     parser.add_argument("--json-out")
-    parser.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
+    parser.add_argument("--_memory-child", dest="memory_child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        peak_memory(args.memory_child, args.memory_steps)
+        peak_memory(args.memory_child[0], args.memory_child[1], args.memory_steps)
         return
     if not DATA.is_file():
         sys.exit(f"benchmark data not found: {DATA}")
-    import transformers
-
-    result = {
-        "benchmark": "tinyshakespeare char-level training, lmforge vs transformers GPT2LMHeadModel",
-        "command": f"python benchmarks/train_bench.py --steps {args.steps}",
-        "settings": {**SETTINGS, "steps": args.steps, "dropout": 0.0, "split": "first 90% train, last 10% val"},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__, "transformers": transformers.__version__},
-        "optimizers": {"lmforge": "AdamW fused (lmforge default)", "hf": "AdamW foreach (HF Trainer default)"},
-        "contestants": {"lmforge": "lmforge, GPT-2 layout (learned positions), same weights as hf",
-                        "hf": "transformers GPT2LMHeadModel", "lmforge_rope": "lmforge default: rotary positions"},
-    }
-    result.update(interleaved(args.steps, args.eval_every, args.target))
-    for name in ("lmforge", "hf"):
-        out = subprocess.run([sys.executable, __file__, "--_memory-child", name, "--memory-steps",
-                              str(args.memory_steps)], capture_output=True, text=True, check=True)
-        result[name]["peak_rss_mb"] = float(out.stdout.strip().splitlines()[-1])
-    result["target_final_val_loss"] = 1.89
-    result["meets_final_val_loss_target"] = {
-        name: result[name]["final_val_loss"] <= 1.89 for name in ("lmforge", "hf", "lmforge_rope")}
+    result = {"command": "python benchmarks/train_bench.py " + " ".join(a for a in sys.argv[1:] if a != "--readme"),
+              "machine": machine(), "recipe": RECIPE,
+              "optimizers": {"lmforge": "AdamW fused (lmforge default)", "hf": "AdamW foreach (HF Trainer default)"}}
+    if args.time_to_quality:
+        name, result["benchmark"] = "time_to_quality", "tiny shakespeare: training wall time to a validation loss"
+        result.update(time_to_quality(args))
+        table = ttq_table(result)
+    else:
+        shape = CONFIGS[args.config]
+        name, result["benchmark"] = f"train_{args.config}", f"training speed, {args.config} config"
+        result["shape"] = shape
+        result.update(speed(args, shape))
+        if args.memory_steps:
+            for which in ("lmforge", "hf"):
+                out = subprocess.run([sys.executable, __file__, "--_memory-child", which, args.config,
+                                      "--memory-steps", str(args.memory_steps)], capture_output=True, text=True,
+                                     check=True)
+                result[which]["peak_rss_mb"] = float(out.stdout.strip().splitlines()[-1])
+        table = speed_table(result, args.config)
     text = json.dumps(result, indent=2)
     print(text)
+    print("\n" + table)
     if args.json_out:
         Path(args.json_out).write_text(text + "\n")
+    if args.readme:
+        publish(name, result, table)
 
 
 if __name__ == "__main__":
