@@ -119,7 +119,7 @@ def _generation_config(args):
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        stop=tuple(args.stop or ()), seed=args.seed,
+        stop=tuple(args.stop or ()), seed=args.seed, compile=getattr(args, "compile", False),
     )
 
 
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.add_argument("--int8", action="store_true", help="int8 weights: faster batch-1 decoding on CPU")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the decode step: ~10%% faster per token, 15-50 s to compile once")
     gen.set_defaults(func=cmd_generate)
 
     ev = verbs.add_parser("eval", help="held-out loss, perplexity and bits per byte")

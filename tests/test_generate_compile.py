@@ -74,3 +74,31 @@ def test_compiled_decoding_equals_eager(fresh_compile, position):
     model = make_model(position=position)
     for prompts in ([[1, 2, 3]], [[1, 2, 3], [7, 8, 9, 10, 11]]):  # no padding, then a padded batch
         assert tokens(model, prompts, compile=True) == tokens(model, prompts, compile=False)
+
+
+def test_cli_generate_compile_uses_the_compiled_step(fresh_compile, monkeypatch, tmp_path, capsys):
+    """`lmforge generate --compile` decodes through torch.compile (here a stand-in that records
+    its calls, so the test stays fast) and prints what eager decoding prints."""
+    from lmforge.cli import main
+    from lmforge.tokenize import Tokenizer
+    from lmforge.train.checkpoint import save_model
+
+    calls = []
+
+    def recording_compile(fn, **kwargs):
+        def compiled(*args):
+            calls.append(kwargs)
+            return fn(*args)
+        return compiled
+
+    tokenizer = Tokenizer.train("char", ["hello world, the quick brown fox"])
+    save_model(make_model(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
+                          pad_token_id=tokenizer.pad_id), tmp_path / "model", tokenizer)
+    args = ["generate", str(tmp_path / "model"), "--prompt", "hello", "--temperature", "0", "--max-new-tokens", "12"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert not calls
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    assert main([*args, "--compile"]) == 0
+    assert capsys.readouterr().out == eager
+    assert len(calls) == 11 and calls[0] == {"dynamic": True}  # every step after the prompt's
