@@ -114,15 +114,16 @@ class Attention(nn.Module):
                     cache.cross = (k, v)
         else:
             q_width = self.n_head * self.head_dim
-            qkv = self.qkv(x)
+            # split, not slices: autograd joins split's gradients with one cat, while each slice
+            # would scatter its gradient into a zero-filled copy of the whole projection
             if self.rotary is None:
-                q, k = qkv[..., :q_width], qkv[..., q_width : q_width + kv_width]
+                q, k, v = self.qkv(x).split([q_width, kv_width, kv_width], dim=-1)
             else:  # queries and keys rotate together: one pass over both
+                qk, v = self.qkv(x).split([q_width + kv_width, kv_width], dim=-1)
                 if ctx.rotary_tables is None:
-                    ctx.rotary_tables = self.rotary.tables(ctx.position_ids, x.dtype)
-                qk = qkv[..., : q_width + kv_width].view(B, T, self.n_head + self.n_kv_head, self.head_dim)
-                q, k = self.rotary.rotate(qk, *ctx.rotary_tables).split([self.n_head, self.n_kv_head], dim=2)
-            v = qkv[..., q_width + kv_width :]
+                    ctx.rotary_tables = self.rotary.tables(ctx.position_ids, x.dtype, self.n_head + self.n_kv_head)
+                qk = self.rotary.rotate(qk.view(B, T, self.n_head + self.n_kv_head, self.head_dim), *ctx.rotary_tables)
+                q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
             q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
             if cache is not None:
                 k, v = cache.append(k, v)

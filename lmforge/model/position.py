@@ -39,7 +39,8 @@ class Rotary(nn.Module):
 
     Pairs are (i, i + d/2), the "rotate half" layout of GPT-NeoX and Llama. With the sine's first
     half negated, the whole rotation is x·cos + roll(x, d/2)·sin: three operations, which
-    attention applies to queries and keys together (they sit side by side in its projection)."""
+    attention applies to queries and keys together (they sit side by side in its projection),
+    with tables looked up once per forward pass."""
 
     def __init__(self, head_dim: int, n_positions: int, theta: float = 10000.0):
         super().__init__()
@@ -48,10 +49,15 @@ class Rotary(nn.Module):
         self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], dim=-1).float(), persistent=False)
         self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=-1).float(), persistent=False)
 
-    def tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, signed sin) for position_ids (batch or 1, time), shaped (batch or 1, time, 1, head_dim)
-        to broadcast over the heads of a (batch, time, heads, head_dim) tensor."""
-        return self.cos[position_ids].unsqueeze(2).to(dtype), self.sin[position_ids].unsqueeze(2).to(dtype)
+    def tables(self, position_ids: torch.Tensor, dtype: torch.dtype, heads: int = 1) -> tuple[torch.Tensor, ...]:
+        """(cos, signed sin) for position_ids (batch or 1, time), shaped (batch or 1, time, heads,
+        head_dim) for a (batch, time, heads, head_dim) tensor. Repeated over the heads rather
+        than broadcast: elementwise kernels run faster on one long contiguous run than on many
+        short ones."""
+        return tuple(
+            table[position_ids].unsqueeze(2).to(dtype).expand(-1, -1, heads, -1).contiguous()
+            for table in (self.cos, self.sin)
+        )
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
