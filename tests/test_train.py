@@ -812,3 +812,34 @@ def test_bpe_run_on_tinyshakespeare_accounts_for_every_byte(tmp_path):
         )
     assert after["bits_per_byte"] < before["bits_per_byte"]
     assert after["bits_per_byte"] < 8  # better than storing the bytes raw
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])
+def test_clip_gradients_matches_clip_grad_norm(max_norm):
+    """The same norm and the same clipped gradients as torch's clip_grad_norm_, whether the
+    gradients need scaling (0.05) or not (1e6)."""
+    from lmforge.train.trainer import clip_gradients
+
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    twin = LanguageModel(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    twin.load_state_dict(model.state_dict())
+    x = torch.randint(0, 50, (3, 16))
+    for m in (model, twin):
+        m(x, labels=x).loss.backward()
+    ours = clip_gradients(model.parameters(), max_norm)
+    reference = float(torch.nn.utils.clip_grad_norm_(twin.parameters(), max_norm))
+    assert ours == pytest.approx(reference, rel=1e-6) and ours > 0.05
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+    after = clip_gradients(model.parameters(), float("inf"))
+    assert after == pytest.approx(min(max_norm, reference), rel=1e-5)
+
+
+def test_clip_gradients_leaves_non_finite_gradients_for_the_skip_guard():
+    from lmforge.train.trainer import clip_gradients
+
+    w = nn.Parameter(torch.ones(3))
+    w.grad = torch.tensor([1.0, float("nan"), 2.0])
+    assert math.isnan(clip_gradients([w], 1.0))
+    assert w.grad[0] == 1.0 and w.grad[2] == 2.0  # not scaled by NaN: the step is skipped anyway

@@ -52,6 +52,22 @@ def configure_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Op
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
+def clip_gradients(parameters, max_norm: float) -> float:
+    """Scale gradients so their global L2 norm is at most max_norm, as clip_grad_norm_ does, and
+    return the norm before clipping. On CPU, clip_grad_norm_ walks the tensors in Python (its
+    foreach path is for GPUs); torch's _foreach kernels loop in C++ instead, a third of the time
+    for a small model. Sharded (DTensor) gradients still go through clip_grad_norm_."""
+    parameters = list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads or any(type(g) is not torch.Tensor for g in grads):
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    total = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+    scale = max_norm / (total + 1e-6)
+    if scale < 1.0:  # also false for a non-finite norm: that step is skipped, not scaled
+        torch._foreach_mul_(grads, scale)
+    return total
+
+
 def bf16_available(device: torch.device) -> bool:
     """bf16 pays only where matrix units do it natively; elsewhere (AVX2 CPUs) it is emulated and
     hundreds of times slower than fp32."""
@@ -122,7 +138,7 @@ class Trainer:
             finite = finite and math.isfinite(value)
             total += value if finite else 0.0
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = clip_gradients(self.model.parameters(), clip)
         finite = self.world.all_true(finite and math.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
