@@ -50,6 +50,8 @@ CONFIGS = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, steps=2000, eval_every=250),
     "mid": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16, steps=40, eval_every=0),
 }
+# time to quality: lmforge's model options (same size as the baseline) and schedule
+RECIPE_MODEL = {"position": "rope", "activation": "relu", "norm": "rmsnorm", "bias": False}
 NAMES = {"lmforge": "lmforge (GPT-2 layout)", "hf": "transformers GPT2LMHeadModel",
          "lmforge_compiled": "lmforge (GPT-2 layout), torch.compile", "lmforge_rope": "lmforge default (RoPE)"}
 
@@ -67,16 +69,18 @@ class Data:
         self.train, self.val = build_token_stores([text], self.tokenizer, val_fraction=0.1)
 
 
-def make_trainer(data: Data, shape: dict, steps: int, position: str = "learned", **recipe):
-    """An lmforge Trainer for `shape`; position "learned" is GPT-2's layout (the one transformers
-    can be compared with), "rope" lmforge's default. Seeded, so every call starts equal."""
+def make_trainer(data: Data, shape: dict, steps: int, model: dict | None = None, **recipe):
+    """An lmforge Trainer for `shape`, by default in GPT-2's layout (learned positions, exact GELU:
+    the one transformers can be compared with); `model` overrides ModelConfig options, `recipe`
+    TrainConfig ones. Seeded, so every call starts equal."""
     from lmforge.config import ModelConfig, TrainConfig
     from lmforge.model import LanguageModel
     from lmforge.train.trainer import Trainer
 
+    options = {"activation": "gelu", "position": "learned", **(model or {})}
     config = ModelConfig(vocab_size=data.tokenizer.vocab_size, n_layer=shape["n_layer"], n_head=shape["n_head"],
-                         n_embd=shape["n_embd"], block_size=shape["block_size"], activation="gelu",
-                         position=position, eos_token_id=data.tokenizer.eos_id, pad_token_id=data.tokenizer.pad_id)
+                         n_embd=shape["n_embd"], block_size=shape["block_size"], eos_token_id=data.tokenizer.eos_id,
+                         pad_token_id=data.tokenizer.pad_id, **options)
     train_config = TrainConfig(batch_size=shape["batch_size"], max_steps=steps, progress=False,
                                eval_every=10**9, save_every=10**9, **{**RECIPE, **recipe})
     torch.manual_seed(1337)
@@ -212,7 +216,7 @@ def speed(args, shape: dict) -> dict:
             compiled.step = 0
             racers["lmforge_compiled"] = (compiled.train_step, compiled.model, lambda x: compiled.model(x).logits)
         if args.rope:
-            rope = make_trainer(data, shape, steps, position="rope")
+            rope = make_trainer(data, shape, steps, model={"position": "rope"})
             racers["lmforge_rope"] = (rope.train_step, rope.model, lambda x: rope.model(x).logits)
         flops_per_step = trainer.model.flops_per_token(shape["block_size"]) * shape["batch_size"] * shape["block_size"]
         peak_before = matmul_gflops()
@@ -290,7 +294,7 @@ def time_to_quality(args) -> dict:
         data = Data(cache)
         twin = make_trainer(data, shape, args.baseline_steps)
         hf = HFRunner(twin.model, data, shape, twin.config)
-        ours = make_trainer(data, shape, args.recipe_steps, position="rope", lr=args.recipe_lr,
+        ours = make_trainer(data, shape, args.recipe_steps, model=RECIPE_MODEL, lr=args.recipe_lr,
                             min_lr=args.recipe_lr / 10)
         racers = {"baseline": (hf.train_step, hf.model, hf.logits),
                   "lmforge": (ours.train_step, ours.model, lambda x: ours.model(x).logits)}
@@ -304,7 +308,7 @@ def time_to_quality(args) -> dict:
                         "median_ms_per_step": summary([t * 1000 for t in raced["times"][name]])["median"],
                         "val_curve": raced["curves"][name]}
     result["baseline"]["recipe"] = f"transformers GPT2LMHeadModel, {RECIPE}, cosine over {args.baseline_steps} steps"
-    result["lmforge"]["recipe"] = (f"lmforge default (RoPE), lr {args.recipe_lr} (floor {args.recipe_lr / 10}), "
+    result["lmforge"]["recipe"] = (f"lmforge, {RECIPE_MODEL}, lr {args.recipe_lr} (floor {args.recipe_lr / 10}), "
                                    f"cosine over {args.recipe_steps} steps, otherwise the same")
     times = [result[name]["train_seconds_to_target"] for name in racers]
     result["time_ratio"] = times[1] / times[0] if all(times) else None
@@ -335,9 +339,9 @@ def main() -> None:
                         help="add lmforge's default model (rotary positions)")
     parser.add_argument("--memory-steps", type=int, default=50, help="steps of the peak-memory runs (0: skip)")
     parser.add_argument("--time-to-quality", action="store_true", help="race lmforge's recipe against the baseline")
-    parser.add_argument("--baseline-steps", type=int, default=3000, help="baseline schedule length (time to quality)")
+    parser.add_argument("--baseline-steps", type=int, default=2500, help="baseline schedule length (time to quality)")
     parser.add_argument("--recipe-steps", type=int, default=1000, help="lmforge schedule length (time to quality)")
-    parser.add_argument("--recipe-lr", type=float, default=2e-3, help="lmforge peak learning rate (time to quality)")
+    parser.add_argument("--recipe-lr", type=float, default=3e-3, help="lmforge peak learning rate (time to quality)")
     parser.add_argument("--ttq-eval-every", type=int, default=50)
     parser.add_argument("--readme", action="store_true", help="also save JSON in benchmarks/results/, table in README")
     parser.add_argument("--json-out")
