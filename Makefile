@@ -27,8 +27,11 @@ test-all: $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check lmforge tests benchmarks
 
-bench: $(VENV)/.dev
-	$(PY) benchmarks/train_bench.py
+bench: $(VENV)/.dev  # about 35 minutes on 2 cores; rewrites the README's tables and benchmarks/results/
+	$(PY) benchmarks/train_bench.py --compile --readme
+	$(PY) benchmarks/train_bench.py --config mid --memory-steps 10 --readme
+	$(PY) benchmarks/train_bench.py --time-to-quality --readme
+	$(PY) benchmarks/generate_bench.py --repeats 5 --readme
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
