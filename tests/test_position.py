@@ -309,7 +309,7 @@ def test_attention_layer_matches_reference(position, causal, n_kv_head):
 
 
 def test_rope_backward_is_the_exact_gradient():
-    """The rotation's hand-written backward (rotate by the opposite angle) against finite
+    """The rotation's gradient (through roll and the sign-folded sine table) against finite
     differences, in float64, with per-row positions."""
     rot = Rotary(8, 16)
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
