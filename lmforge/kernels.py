@@ -1,4 +1,9 @@
-"""A CPU kernel for the matrix products of decoding, built on first use, with torch as fallback.
+"""lmforge's CPU kernels, built on first use, with torch's own operators as the fallback.
+
+- csrc/small_matmul.cpp: the matrix products of decoding (below).
+- csrc/attention.cpp: causal self-attention, forward and backward, for training and scoring at
+  the sequence lengths small models use (PyTorch's CPU flash kernel is built for long ones).
+- csrc/gelu.cpp: exact GELU whose forward pass also stores its derivative.
 
 Decoding multiplies one row per sequence (batch 1 to 8) by every weight matrix, so each weight
 is read from memory once and used a handful of times: the speed limit is memory bandwidth. For
@@ -7,10 +12,11 @@ such shapes MKL's sgemm runs on one thread at about half the machine's read band
 the bandwidth allows ~49. csrc/small_matmul.cpp splits the weight rows over torch's threads and
 streams them with AVX2 (37 tokens/s); it also multiplies int8 weights directly (quantize.py).
 
-It is compiled once per machine and torch version by torch's extension builder (a C++ compiler
+They are compiled once per machine and torch version by torch's extension builder (a C++ compiler
 and an AVX2 CPU are needed; ~20 s; cached under TORCH_EXTENSIONS_DIR or ~/.cache). If it cannot
 be built, everything runs on torch's own operators, with one warning; LMFORGE_KERNELS=0 chooses
-that silently.
+that silently. Under torch.compile the model keeps to torch's operators (the compiler fuses
+those itself and cannot see into these kernels' C++ autograd).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "small_matmul.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "small_matmul.cpp", CSRC / "attention.cpp", CSRC / "gelu.cpp"]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 # Up to this many rows the kernel beats MKL (fp32: 12 vs 19 ms at 1 row, 16 vs 27 ms at 8, for
 # 190 MB of weights); from 16 rows on the product is compute-bound and MKL is as fast or faster.
@@ -35,7 +42,8 @@ _available: bool | None = None
 def _build_directory() -> Path:
     """One folder per source, flags and torch version, so a stale build is never loaded."""
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode())
+    code = b"".join(path.read_bytes() for path in [*SOURCES, CSRC / "vec_math.h"])
+    digest = hashlib.sha256(code + " ".join(FLAGS).encode() + torch.__version__.encode())
     return root / f"lmforge_kernels_{digest.hexdigest()[:12]}"
 
 
@@ -50,12 +58,12 @@ def _build() -> bool:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "lmforge_kernels.so").is_file():
-            print("lmforge: compiling the CPU decoding kernel (once, about 20 s)", file=sys.stderr, flush=True)
-        load("lmforge_kernels", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+            print("lmforge: compiling the CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
+        load("lmforge_kernels", [str(path) for path in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
              build_directory=str(folder), is_python_module=False)
     except Exception as exc:  # no compiler, no ninja, a build error: all mean "use torch"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        warnings.warn(f"lmforge: CPU decoding kernel unavailable ({reason}); using torch's matmul", stacklevel=3)
+        warnings.warn(f"lmforge: CPU kernels unavailable ({reason}); using torch's operators", stacklevel=3)
         return False
 
     @torch.library.register_fake("lmforge::small_matmul")
@@ -71,6 +79,12 @@ def available() -> bool:
     if _available is None:
         _available = _build()
     return _available
+
+
+def usable_for(x: torch.Tensor) -> bool:
+    """Whether the training kernels (attention, GELU) may take x: float32 on the CPU, outside
+    torch.compile's tracing, kernels built."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling() and available()
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:

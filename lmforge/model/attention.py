@@ -1,8 +1,10 @@
 """Multi-head attention: self or cross, MHA or grouped-query, with every position scheme.
 
 One function builds the boolean mask (causal, padding) once per forward; each layer adds only
-its own position bias. Everything ends in `F.scaled_dot_product_attention`, which picks a fused
-kernel when the mask allows it (`is_causal=True`, no explicit mask).
+its own position bias. Plain causal self-attention in float32 on the CPU goes to lmforge's own
+kernel (kernels.py: it reads the heads in place and is faster than PyTorch's at short lengths);
+everything else ends in `F.scaled_dot_product_attention`, which picks a fused kernel when the
+mask allows it (`is_causal=True`, no explicit mask).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge import kernels
 from lmforge.model.cache import LayerCache
 from lmforge.model.linear import Linear
 from lmforge.model.position import RelativePositionScores, Rotary, alibi_bias, alibi_slopes
@@ -92,8 +95,15 @@ class Attention(nn.Module):
             self.alibi = None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """(B, T, n·hd) or (B, T, n, hd) → (B, n, T, hd), a view."""
-        return x.view(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)
+        """(B, T, n·hd) → (B, T, n, hd), a view."""
+        return x.view(x.shape[0], x.shape[1], n, self.head_dim)
+
+    def _fused_fits(self, q: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, cache: LayerCache | None) -> bool:
+        """Whether lmforge's causal attention kernel applies: plain causal self-attention over
+        the whole sequence, no score bias, no dropout, float32 on the CPU (so not under bf16
+        autocast, where rotated queries come out float32 and values bf16)."""
+        return (cache is None and ctx.is_causal and ctx.mask is None and self.relative is None and self.alibi is None
+                and (self.dropout == 0.0 or not self.training) and v.dtype == q.dtype and kernels.usable_for(q))
 
     def forward(
         self,
@@ -105,11 +115,11 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         kv_width = self.n_kv_head * self.head_dim
         if self.cross:
-            q = self._heads(self.q(x), self.n_head)
+            q = self._heads(self.q(x), self.n_head).transpose(1, 2)
             if cache is not None and cache.cross is not None:
                 k, v = cache.cross
             else:
-                k, v = (self._heads(t, self.n_kv_head) for t in self.kv(memory).split(kv_width, dim=-1))
+                k, v = (self._heads(t, self.n_kv_head).transpose(1, 2) for t in self.kv(memory).split(kv_width, dim=-1))
                 if cache is not None:
                     cache.cross = (k, v)
         else:
@@ -118,13 +128,18 @@ class Attention(nn.Module):
             # would scatter its gradient into a zero-filled copy of the whole projection
             if self.rotary is None:
                 q, k, v = self.qkv(x).split([q_width, kv_width, kv_width], dim=-1)
+                q, k = self._heads(q, self.n_head), self._heads(k, self.n_kv_head)
             else:  # queries and keys rotate together: one pass over both
                 qk, v = self.qkv(x).split([q_width + kv_width, kv_width], dim=-1)
                 if ctx.rotary_tables is None:
                     ctx.rotary_tables = self.rotary.tables(ctx.position_ids, x.dtype, self.n_head + self.n_kv_head)
-                qk = self.rotary.rotate(qk.view(B, T, self.n_head + self.n_kv_head, self.head_dim), *ctx.rotary_tables)
+                qk = self.rotary.rotate(self._heads(qk, self.n_head + self.n_kv_head), *ctx.rotary_tables)
                 q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
-            q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+            v = self._heads(v, self.n_kv_head)
+            if self._fused_fits(q, v, ctx, cache):  # (B, T, heads, hd) in, (B, T, heads, hd) out: no transposes
+                y = torch.ops.lmforge.causal_attention(q, k, v, self.scale)
+                return self.proj(y.view(B, T, self.n_head * self.head_dim))
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if cache is not None:
                 k, v = cache.append(k, v)
 

@@ -1,0 +1,78 @@
+// Exact (erf) GELU for training on the CPU: the forward pass also writes the derivative.
+//
+// Φ(x) and φ(x) share one exp(-x²/2), so GELU'(x) = Φ(x) + x·φ(x) costs the forward pass two
+// more operations, and the backward pass becomes a single multiply instead of recomputing erf
+// and exp (torch's gelu_backward took twice as long as its forward here). The derivative takes
+// the place of the input in memory: autograd keeps one tensor either way.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "vec_math.h"
+
+namespace {
+
+using namespace lmforge_vec;
+
+void gelu_range(const float* x, float* y, float* slope, int64_t n) {
+  auto one = [&](int64_t i, __m256i mask, bool full) {
+    const __m256 v = full ? _mm256_loadu_ps(x + i) : _mm256_maskload_ps(x + i, mask);
+    __m256 cdf, pdf;
+    normal_cdf_pdf8(v, &cdf, &pdf);
+    const __m256 out = _mm256_mul_ps(v, cdf);
+    full ? _mm256_storeu_ps(y + i, out) : _mm256_maskstore_ps(y + i, mask, out);
+    if (slope != nullptr) {
+      const __m256 d = _mm256_fmadd_ps(v, pdf, cdf);
+      full ? _mm256_storeu_ps(slope + i, d) : _mm256_maskstore_ps(slope + i, mask, d);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) one(i, __m256i{}, true);
+  if (i < n) one(i, tail_mask(n - i), false);
+}
+
+// GELU(x), and GELU'(x) too when `with_slope`.
+std::tuple<at::Tensor, at::Tensor> gelu_forward(const at::Tensor& input, bool with_slope) {
+  TORCH_CHECK(input.scalar_type() == at::kFloat && input.device().is_cpu(), "gelu: x must be a float32 CPU tensor");
+  const at::Tensor x = input.contiguous();
+  at::Tensor y = at::empty_like(x), slope = with_slope ? at::empty_like(x) : at::Tensor();
+  const float* in = x.data_ptr<float>();
+  float *out = y.data_ptr<float>(), *d = with_slope ? slope.data_ptr<float>() : nullptr;
+  at::parallel_for(0, x.numel(), 16384, [&](int64_t begin, int64_t end) {
+    gelu_range(in + begin, out + begin, d ? d + begin : nullptr, end - begin);
+  });
+  return {y, slope};
+}
+
+class Gelu : public torch::autograd::Function<Gelu> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, slope] = gelu_forward(x, true);
+    ctx->save_for_backward({slope});
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return {grads[0] * ctx->get_saved_variables()[0]};
+  }
+};
+
+at::Tensor gelu_cpu(const at::Tensor& x) { return std::get<0>(gelu_forward(x, false)); }
+
+at::Tensor gelu_autograd(const at::Tensor& x) {
+  if (at::GradMode::is_enabled() && x.requires_grad()) return Gelu::apply(x);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return gelu_cpu(x);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lmforge, m) { m.def("gelu(Tensor x) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(lmforge, CPU, m) { m.impl("gelu", &gelu_cpu); }
+
+TORCH_LIBRARY_IMPL(lmforge, Autograd, m) { m.impl("gelu", &gelu_autograd); }
