@@ -62,6 +62,17 @@ def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def command_line(script: str, argv: list[str]) -> str:
+    """The command that reproduces a result: the script's arguments without the output-only ones
+    (--readme, --markdown, --json-out and its path)."""
+    shown, skip = [], False
+    for arg in argv:
+        if not skip and arg not in ("--readme", "--markdown", "--json-out") and not arg.startswith("--json-out="):
+            shown.append(arg)
+        skip = arg == "--json-out"
+    return " ".join(["python", f"benchmarks/{script}", *shown])
+
+
 def publish(name: str, result: dict, table: str) -> None:
     """Save the JSON under benchmarks/results/NAME.json and put `table` into README.md between
     `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`; the markers must already be there."""

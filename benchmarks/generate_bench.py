@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, publish, summary  # noqa: E402
+from common import command_line, machine, publish, summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -250,10 +250,8 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true", help="also save JSON in benchmarks/results/, table in README")
     parser.add_argument("--json-out")
     args = parser.parse_args()
-    shown = [a for a in sys.argv[1:] if a not in ("--readme", "--markdown")]
-    command = "python benchmarks/generate_bench.py " + " ".join(shown)
     result = {"benchmark": "greedy decoding, GPT-2-small shape (124M, random weights), lmforge vs transformers",
-              "command": command.strip(), "machine": machine(),
+              "command": command_line("generate_bench.py", sys.argv[1:]), "machine": machine(),
               "settings": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                            "batches": args.batches, "repeats": args.repeats, "model": SHAPE}}
     result.update(benchmark(args))

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, matmul_gflops, publish, summary  # noqa: E402
+from common import command_line, machine, matmul_gflops, publish, summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -367,7 +367,7 @@ def main() -> None:
         return
     if not DATA.is_file():
         sys.exit(f"benchmark data not found: {DATA}")
-    result = {"command": "python benchmarks/train_bench.py " + " ".join(a for a in sys.argv[1:] if a != "--readme"),
+    result = {"command": command_line("train_bench.py", sys.argv[1:]),
               "machine": machine(), "recipe": RECIPE,
               "optimizers": {"lmforge": "AdamW fused (lmforge default)", "hf": "AdamW foreach (HF Trainer default)"}}
     if args.time_to_quality:
