@@ -1,8 +1,9 @@
 """lmforge's CPU kernels, built on first use, with torch's own operators as the fallback.
 
 - csrc/small_matmul.cpp: the matrix products of decoding (below).
-- csrc/attention.cpp: causal self-attention, forward and backward, for training and scoring at
-  the sequence lengths small models use (PyTorch's CPU flash kernel is built for long ones).
+- csrc/attention.cpp: causal self-attention, forward and backward, for training and scoring
+  (PyTorch's CPU flash kernel is built for long sequences and is slowest at the short ones
+  small models train on).
 - csrc/gelu.cpp: exact GELU whose forward pass also stores its derivative.
 
 Decoding multiplies one row per sequence (batch 1 to 8) by every weight matrix, so each weight
@@ -13,7 +14,7 @@ the bandwidth allows ~49. csrc/small_matmul.cpp splits the weight rows over torc
 streams them with AVX2 (37 tokens/s); it also multiplies int8 weights directly (quantize.py).
 
 They are compiled once per machine and torch version by torch's extension builder (a C++ compiler
-and an AVX2 CPU are needed; ~20 s; cached under TORCH_EXTENSIONS_DIR or ~/.cache). If it cannot
+and an AVX2 CPU are needed; ~40 s; cached under TORCH_EXTENSIONS_DIR or ~/.cache). If it cannot
 be built, everything runs on torch's own operators, with one warning; LMFORGE_KERNELS=0 chooses
 that silently. Under torch.compile the model keeps to torch's operators (the compiler fuses
 those itself and cannot see into these kernels' C++ autograd).
@@ -58,7 +59,7 @@ def _build() -> bool:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "lmforge_kernels.so").is_file():
-            print("lmforge: compiling the CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
+            print("lmforge: compiling the CPU kernels (once, under a minute)", file=sys.stderr, flush=True)
         load("lmforge_kernels", [str(path) for path in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
              build_directory=str(folder), is_python_module=False)
     except Exception as exc:  # no compiler, no ninja, a build error: all mean "use torch"
