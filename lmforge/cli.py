@@ -17,26 +17,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
-    """Flags default to None so that a config file's value survives unless a flag is given."""
-    p.add_argument("--data", nargs="+", help="training text: files, folders or globs")
-    p.add_argument("--val-data", nargs="+", help="held-out text (default: the last --val-fraction of --data)")
-    p.add_argument("--config", help="YAML or JSON file whose keys are these flags' names")
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The architecture and tokenizer of a new model (a fine-tune takes them from --model)."""
     p.add_argument("--tokenizer", help="a tokenizer.json, or 'char' / 'bpe' to train one (default bpe)")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size when training one (default 4096)")
     p.add_argument("--arch", choices=["decoder", "encoder", "encoder-decoder"])
-    for flag, kind in [
-        ("--n-layer", int), ("--n-head", int), ("--n-kv-head", int), ("--n-embd", int), ("--d-ff", int),
-        ("--block-size", int), ("--batch-size", int), ("--grad-accum", int), ("--lr", float),
-        ("--min-lr", float), ("--warmup-steps", int), ("--weight-decay", float), ("--grad-clip", float),
-        ("--max-steps", int), ("--eval-every", int), ("--eval-batches", int), ("--save-every", int),
-        ("--seed", int), ("--dropout", float), ("--val-fraction", float),
-    ]:
-        p.add_argument(flag, type=kind)
+    for flag in ("--n-layer", "--n-head", "--n-kv-head", "--n-embd", "--d-ff", "--block-size"):
+        p.add_argument(flag, type=int)
     p.add_argument("--position", choices=["learned", "sinusoidal", "relative", "rope", "alibi", "none"])
     p.add_argument("--activation", choices=["gelu", "gelu_tanh", "relu", "swiglu"])
     p.add_argument("--norm", choices=["layernorm", "rmsnorm"])
     p.add_argument("--norm-position", choices=["pre", "post"])
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    """Flags default to None so that a config file's value survives unless a flag is given."""
+    p.add_argument("--data", nargs="+", help="training text: files, folders or globs")
+    p.add_argument("--val-data", nargs="+", help="held-out text (default: the last --val-fraction of --data)")
+    p.add_argument("--config", help="YAML or JSON file whose keys are these flags' names")
+    for flag, kind in [
+        ("--batch-size", int), ("--grad-accum", int), ("--lr", float), ("--min-lr", float),
+        ("--warmup-steps", int), ("--weight-decay", float), ("--grad-clip", float), ("--max-steps", int),
+        ("--eval-every", int), ("--eval-batches", int), ("--save-every", int), ("--seed", int),
+        ("--dropout", float), ("--val-fraction", float),
+    ]:
+        p.add_argument(flag, type=kind)
+    p.add_argument("--seq-len", type=int, help="tokens per training window (default: the model's block size)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (~50 s to compile on CPU)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="bf16 autocast (default: on only where the hardware has bf16 matrix units)")
@@ -60,10 +66,26 @@ def _options(args: argparse.Namespace, skip: tuple[str, ...] = ("command", "conf
 
 
 def cmd_pretrain(args) -> int:
+    return _train(_options(args))
+
+
+def cmd_finetune(args) -> int:
+    from lmforge.train.pretrain import FINETUNE_DEFAULTS
+
+    options = _options(args, skip=("command", "config", "func", "model"))
+    if args.model:
+        options["init"] = args.model
+    elif not options.get("resume"):
+        raise LmforgeError("--model is required: the model folder (lmforge or Hugging Face) to start from")
+    return _train(options, FINETUNE_DEFAULTS)
+
+
+def _train(options: dict, train_defaults: dict | None = None) -> int:
+    """pretrain and finetune: one run on this process (or this rank of a torchrun job)."""
     from lmforge.train.distributed import shutdown_world
     from lmforge.train.pretrain import prepare_run
 
-    run = prepare_run(_options(args))
+    run = prepare_run(options, train_defaults=train_defaults)
     main = run.trainer.world.is_main  # under torchrun, rank 0 speaks for all
     try:
         if main:
@@ -88,6 +110,8 @@ def _print_run_header(run) -> None:
         f"model: {model.config.arch}, {model.num_parameters() / 1e6:.2f}M parameters, "
         f"{model.flops_per_token() / 1e6:.1f} MFLOP per trained token"
     )
+    if run.init and not run.resumed:
+        print(f"starting from {run.init}")
     if run.resumed:
         print(f"resuming at step {trainer.step}")
 
@@ -219,8 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.set_defaults(func=cmd_tokenizer_train)
 
     pre = verbs.add_parser("pretrain", help="pretrain a model (causal LM, MLM or denoising)")
-    _add_pretrain_flags(pre)
+    _add_model_flags(pre)
+    _add_training_flags(pre)
     pre.set_defaults(func=cmd_pretrain)
+
+    fine = verbs.add_parser("finetune", help="go on training a model folder (lmforge or Hugging Face) on new text")
+    fine.add_argument("--model", help="model folder to start from; its architecture and tokenizer are kept")
+    _add_training_flags(fine)
+    fine.set_defaults(func=cmd_finetune)
 
     gen = verbs.add_parser("generate", help="generate text from a model folder (or a Hugging Face one)")
     gen.add_argument("model_dir")

@@ -145,6 +145,7 @@ class TrainConfig:
     min_lr: float | None = None  # floor of the cosine decay; None means lr / 10
     warmup_steps: int = 100
     max_steps: int = 2000
+    seq_len: int | None = None  # tokens per training window; None means the model's block_size
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -170,6 +171,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise LmforgeError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise LmforgeError(f"seq_len must be at least 2; got {self.seq_len}")
         if self.lr <= 0:
             raise LmforgeError(f"lr must be positive; got {self.lr}")
         if self.warmup_steps < 0:

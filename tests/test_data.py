@@ -250,7 +250,8 @@ def test_window_sampler_ranks_draw_disjoint_windows() -> None:
 
 
 def test_window_sampler_too_short() -> None:
-    message = "corpus has 10 tokens, fewer than one context window of block_size+1 = 11; lower --block-size"
+    message = ("corpus has 10 tokens, fewer than one context window of block_size+1 = 11; "
+               "lower --block-size (or --seq-len) or add text")
     with pytest.raises(LmforgeError, match=re.escape(message)):
         WindowSampler(_counting_store(10), block_size=10, batch_size=2, seed=0)
 

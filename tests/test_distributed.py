@@ -81,3 +81,19 @@ def test_checkpoints_cross_between_ddp_and_one_process(tmp_path, corpus, first, 
     run("plain", 1, "--max-steps", "6", "--resume")
     assert len(train_losses(tmp_path / "mixed")) == 6
     assert_same_run(tmp_path / "mixed", tmp_path / "plain")
+
+
+def test_finetune_two_ranks_equal_one_process_with_double_batch(tmp_path, corpus):
+    """`lmforge finetune` runs under torchrun unchanged: from the same start model, 2 ranks with
+    batch B train like one process with batch 2B."""
+    data, config = corpus
+    cache = tmp_path / "cache"
+    lmforge("pretrain", "--data", str(data), *TINY, "--max-steps", "3", "--batch-size", "4",
+            "--out", str(tmp_path / "base"), cache=cache)
+    common = ["finetune", "--model", str(tmp_path / "base"), "--data", str(data), "--config", str(config),
+              "--seq-len", "16", "--max-steps", "6", "--grad-accum", "2", "--eval-every", "3", "--seed", "0",
+              "--no-progress"]
+    lmforge(*common, "--batch-size", "2", "--out", str(tmp_path / "two"), nproc=2, cache=cache)
+    lmforge(*common, "--batch-size", "4", "--out", str(tmp_path / "one"), cache=cache)
+    assert len(train_losses(tmp_path / "one")) == 6
+    assert_same_run(tmp_path / "two", tmp_path / "one")

@@ -28,7 +28,7 @@ class WindowSampler:
         if len(store) < block_size + 1:
             raise LmforgeError(
                 f"corpus has {len(store)} tokens, fewer than one context window of block_size+1 = "
-                f"{block_size + 1}; lower --block-size or add text"
+                f"{block_size + 1}; lower --block-size (or --seq-len) or add text"
             )
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise LmforgeError(

@@ -17,14 +17,16 @@ from lmforge.errors import LmforgeError
 
 
 @torch.no_grad()
-def evaluate_store(model, store, objective, batch_size: int, max_batches: int | None = None, seed: int = 0) -> dict:
-    """Mean loss per predicted token over the store's windows (masking noise seeded: repeatable)."""
+def evaluate_store(model, store, objective, batch_size: int, max_batches: int | None = None, seed: int = 0,
+                   seq_len: int | None = None) -> dict:
+    """Mean loss per predicted token over the store's windows of seq_len tokens (default: the
+    model's block_size); masking noise is seeded, so the figure is repeatable."""
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     total_loss, total_targets = 0.0, 0
-    for x, y in eval_windows(store, model.config.block_size, batch_size, max_batches):
+    for x, y in eval_windows(store, seq_len or model.config.block_size, batch_size, max_batches):
         batch = {k: v.to(device) for k, v in objective.batch(x, y, generator).items()}
         n_targets = int((batch["labels"] != -100).sum())
         if n_targets == 0:

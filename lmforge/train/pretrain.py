@@ -1,8 +1,10 @@
 """Pretraining end to end: corpus → tokenizer → token store → model → Trainer.
 
-The CLI's `pretrain` and `demo` are thin wrappers over `prepare_run` and `Trainer.fit`. A run
-folder remembers its data paths (`run.json`), model (`config.json`), tokenizer and training
-options, so `--resume` needs nothing but the folder.
+The CLI's `pretrain`, `finetune` and `demo` are thin wrappers over `prepare_run` and
+`Trainer.fit`. A run folder remembers its data paths (`run.json`), model (`config.json`),
+tokenizer and training options, so `--resume` needs nothing but the folder. With `init` (a model
+folder, lmforge's or Hugging Face's) the run starts from that model's weights, architecture and
+tokenizer instead of fresh ones: continued pretraining, or fine-tuning on a new domain's text.
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ from lmforge.train.trainer import Trainer
 
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
-RUN_FIELDS = {"data", "val_data", "tokenizer", "vocab_size", "dedup", "out", "resume"}
+RUN_FIELDS = {"data", "val_data", "tokenizer", "vocab_size", "dedup", "out", "resume", "init"}
+# What a run that starts from a trained model may still change about it: the rest is the model.
+INIT_MODEL_FIELDS = {"dropout", "attn_dropout"}
+# A trained model needs a gentler, shorter schedule than pretraining from scratch.
+FINETUNE_DEFAULTS = {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 20, "max_steps": 500, "eval_every": 100,
+                     "save_every": 100}
 DEFAULT_TOKENIZER = "bpe"
 DEFAULT_BPE_VOCAB = 4096
 
@@ -39,6 +46,7 @@ class Run:
     tokenizer: Tokenizer
     resumed: bool
     corpus_summary: str
+    init: str | None = None  # the model folder the run started from, if any
 
 
 def split_options(options: dict) -> tuple[dict, dict, dict]:
@@ -68,10 +76,12 @@ def _tokenizer_for(spec: str | None, vocab_size: int | None, documents: list[str
     return Tokenizer.load(spec)
 
 
-def prepare_run(options: dict, documents: list[str] | None = None, summary: str = "") -> Run:
+def prepare_run(options: dict, documents: list[str] | None = None, summary: str = "",
+                train_defaults: dict | None = None) -> Run:
     """Build (or rebuild, with resume) everything a training run needs; nothing is trained yet.
 
-    `documents` lets a caller (the demo) supply an already-loaded corpus instead of paths."""
+    `documents` lets a caller (the demo) supply an already-loaded corpus instead of paths;
+    `train_defaults` replace TrainConfig's defaults in a new run (a resumed one keeps its own)."""
     run_opts, model_opts, train_opts = split_options(options)
     if not run_opts.get("out"):
         raise LmforgeError("--out is required: the run folder to write")
@@ -81,11 +91,18 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
     if has_checkpoint and not resume:
         raise LmforgeError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     saved_run = _read_json(out / "run.json") if resume and has_checkpoint else {}
-    for key in ("data", "val_data", "dedup"):
+    for key in ("data", "val_data", "dedup", "init"):
         run_opts.setdefault(key, saved_run.get(key))
+    init = run_opts.get("init")
+    if init:
+        fixed = sorted((set(model_opts) - INIT_MODEL_FIELDS) | ({"tokenizer", "vocab_size"} & set(run_opts)))
+        if fixed:
+            raise LmforgeError(f"the model and tokenizer come from {init}; drop {', '.join(fixed)}")
     if resume and has_checkpoint:
         train_opts = {**_read_json(out / "train_config.json"), **train_opts}
         model_opts = {**_read_json(out / "config.json"), **model_opts}
+    else:
+        train_opts = {**(train_defaults or {}), **train_opts}
 
     if documents is None:
         paths = _as_list(run_opts.get("data"))
@@ -98,15 +115,21 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
         val_documents, _ = load_corpus(_as_list(run_opts["val_data"]), dedup=bool(run_opts.get("dedup")))
 
     world = init_world()  # one process, or one rank of a torchrun job
+    start = None  # the trained model an init run starts from
     if resume and has_checkpoint:
         tokenizer = Tokenizer.load(out / "tokenizer.json")
+    elif init:
+        start, tokenizer = _load_start(init)
+        model_opts = {**start.config.to_dict(), **model_opts}
     else:  # rank 0 trains the tokenizer; the other ranks load what it saved
         tokenizer = _main_first(
             world,
             lambda: _save(_tokenizer_for(run_opts.get("tokenizer"), run_opts.get("vocab_size"), documents), out),
             lambda: Tokenizer.load(out / "tokenizer.json"),
         )
-    model_opts = {**_token_ids(tokenizer), **model_opts, "vocab_size": tokenizer.vocab_size}
+    model_opts = {**_token_ids(tokenizer), **model_opts}
+    if not init:  # a trained model keeps its own (possibly padded) vocabulary size
+        model_opts["vocab_size"] = tokenizer.vocab_size
     model_opts.setdefault("arch", "decoder")
     train_opts.setdefault("objective", DEFAULT_FOR_ARCH.get(model_opts["arch"], "clm"))
     model_config = ModelConfig.from_dict(model_opts)
@@ -119,6 +142,8 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
     train_store, val_store = _main_first(world, build_stores, build_stores)  # the others hit its cache
     torch.manual_seed(train_config.seed)
     model = LanguageModel(model_config)
+    if start is not None:
+        model.load_state_dict(start.state_dict())
     trainer = Trainer(model, train_config, train_store, val_store, out, tokenizer, world=world)
     if resume:
         resumed = trainer.resume()
@@ -126,18 +151,28 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
         resumed = False
         trainer.forget_metrics_after(0)  # a run that died before its first checkpoint starts over
     if not world.is_main:
-        return Run(trainer, model, tokenizer, resumed, summary)
+        return Run(trainer, model, tokenizer, resumed, summary, init)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "train_config.json", json.dumps(train_config.to_dict(), indent=2) + "\n")
     run_record = {  # absolute paths: --resume works from any working directory
         "data": [os.path.abspath(p) for p in _as_list(run_opts.get("data"))] or None,
         "val_data": [os.path.abspath(p) for p in _as_list(run_opts.get("val_data"))] or None,
         "dedup": run_opts.get("dedup"),
+        "init": os.path.abspath(init) if init else None,
     }
     atomic_write_text(out / "run.json", json.dumps(run_record, indent=2) + "\n")
     model_config.save(out / "config.json")
     tokenizer.save(out / "tokenizer.json")
-    return Run(trainer, model, tokenizer, resumed, summary)
+    return Run(trainer, model, tokenizer, resumed, summary, init)
+
+
+def _load_start(folder) -> tuple[LanguageModel, Tokenizer]:
+    from lmforge.train.checkpoint import load_model
+
+    model, tokenizer = load_model(folder)
+    if model.config.n_labels:
+        raise LmforgeError(f"{folder} is a sequence classifier; a training run continues a language model")
+    return model, tokenizer
 
 
 def _main_first(world: World, on_main, on_others):

@@ -96,7 +96,9 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.train_store, self.val_store = train_store, val_store
         self.objective = objective or Objective(config.objective, model.config, config.mask_prob)
-        block = model.config.block_size
+        self.seq_len = block = config.seq_len or model.config.block_size
+        if block > model.config.block_size:
+            raise LmforgeError(f"seq_len {block} is longer than the model's block_size {model.config.block_size}")
         self.sampler = WindowSampler(train_store, block, config.batch_size, config.seed,
                                      self.world.rank, self.world.world_size)
         WindowSampler(val_store, block, 1, config.seed)  # same one-line error for a too-short val split
@@ -178,7 +180,7 @@ class Trainer:
         limit = None if full else (max_batches or self.config.eval_batches)
         return evaluate_store(
             self.model, self.val_store, self.objective, self.config.batch_size, max_batches=limit,
-            seed=self.config.seed,
+            seed=self.config.seed, seq_len=self.seq_len,
         )
 
     # -- checkpoints -------------------------------------------------------------------------
