@@ -64,6 +64,17 @@ def test_run_starts_from_the_trained_model_and_learns_the_new_text(tmp_path, tra
     assert Tokenizer.load(tmp_path / "ft" / "tokenizer.json").vocab_size == start_tokenizer.vocab_size
 
 
+@pytest.mark.parametrize(("arch", "objective"), [("encoder", "mlm"), ("encoder-decoder", "denoise")])
+def test_the_objective_follows_the_start_model(tmp_path, arch, objective):
+    base = prepare_run(tiny_options(tmp_path, out="base", arch=arch, max_steps=5))
+    base.trainer.fit()
+    run = prepare_run(finetune_options(tmp_path, tmp_path / "base", max_steps=5))
+    assert run.trainer.objective.name == objective and run.model.config.arch == arch
+    assert_same_weights(snapshot(run.model), snapshot(base.model))
+    run.trainer.fit()
+    assert len(read_metrics(tmp_path / "ft", "train")) == 5
+
+
 def test_dropout_may_change_but_the_architecture_and_tokenizer_may_not(tmp_path, trained):
     run = prepare_run(finetune_options(tmp_path, trained, dropout=0.1))
     assert run.model.config.dropout == 0.1
