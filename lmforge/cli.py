@@ -39,7 +39,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         ("--batch-size", int), ("--grad-accum", int), ("--lr", float), ("--min-lr", float),
         ("--warmup-steps", int), ("--weight-decay", float), ("--grad-clip", float), ("--max-steps", int),
         ("--eval-every", int), ("--eval-batches", int), ("--save-every", int), ("--seed", int),
-        ("--dropout", float), ("--val-fraction", float),
+        ("--dropout", float), ("--attn-dropout", float), ("--val-fraction", float),
     ]:
         p.add_argument(flag, type=kind)
     p.add_argument("--seq-len", type=int, help="tokens per training window (default: the model's block size)")
@@ -66,26 +66,28 @@ def _options(args: argparse.Namespace, skip: tuple[str, ...] = ("command", "conf
 
 
 def cmd_pretrain(args) -> int:
-    return _train(_options(args))
+    options = _options(args)
+    if "init" in options:  # prepare_run's way in for finetune; here it would be a silent fine-tune
+        raise LmforgeError("unknown option(s): init (to start from a model folder: lmforge finetune --model)")
+    return _train(options)
 
 
 def cmd_finetune(args) -> int:
     from lmforge.train.pretrain import FINETUNE_DEFAULTS
 
-    options = _options(args, skip=("command", "config", "func", "model"))
-    if args.model:
-        options["init"] = args.model
-    elif not options.get("resume"):
-        raise LmforgeError("--model is required: the model folder (lmforge or Hugging Face) to start from")
-    return _train(options, FINETUNE_DEFAULTS)
+    options = _options(args)  # a config file may name the start folder `model`, like the flag
+    model = options.pop("model", None)
+    if model:
+        options["init"] = model
+    return _train(options, train_defaults=FINETUNE_DEFAULTS, require_init=True)
 
 
-def _train(options: dict, train_defaults: dict | None = None) -> int:
+def _train(options: dict, **how) -> int:
     """pretrain and finetune: one run on this process (or this rank of a torchrun job)."""
     from lmforge.train.distributed import shutdown_world
     from lmforge.train.pretrain import prepare_run
 
-    run = prepare_run(options, train_defaults=train_defaults)
+    run = prepare_run(options, **how)
     main = run.trainer.world.is_main  # under torchrun, rank 0 speaks for all
     try:
         if main:

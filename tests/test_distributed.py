@@ -83,17 +83,20 @@ def test_checkpoints_cross_between_ddp_and_one_process(tmp_path, corpus, first, 
     assert_same_run(tmp_path / "mixed", tmp_path / "plain")
 
 
-def test_finetune_two_ranks_equal_one_process_with_double_batch(tmp_path, corpus):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_finetune_two_ranks_equal_one_process_with_double_batch(tmp_path, corpus, sharding):
     """`lmforge finetune` runs under torchrun unchanged: from the same start model, 2 ranks with
-    batch B train like one process with batch 2B."""
+    batch B train like one process with batch 2B, and both really start from that model."""
     data, config = corpus
     cache = tmp_path / "cache"
-    lmforge("pretrain", "--data", str(data), *TINY, "--max-steps", "3", "--batch-size", "4",
-            "--out", str(tmp_path / "base"), cache=cache)
+    lmforge("pretrain", "--data", str(data), "--config", str(config), *TINY, "--max-steps", "40",
+            "--batch-size", "4", "--out", str(tmp_path / "base"), cache=cache)
     common = ["finetune", "--model", str(tmp_path / "base"), "--data", str(data), "--config", str(config),
               "--seq-len", "16", "--max-steps", "6", "--grad-accum", "2", "--eval-every", "3", "--seed", "0",
               "--no-progress"]
-    lmforge(*common, "--batch-size", "2", "--out", str(tmp_path / "two"), nproc=2, cache=cache)
+    lmforge(*common, "--batch-size", "2", *sharding, "--out", str(tmp_path / "two"), nproc=2, cache=cache)
     lmforge(*common, "--batch-size", "4", "--out", str(tmp_path / "one"), cache=cache)
     assert len(train_losses(tmp_path / "one")) == 6
     assert_same_run(tmp_path / "two", tmp_path / "one")
+    base_losses = train_losses(tmp_path / "base")
+    assert train_losses(tmp_path / "two")[0] < base_losses[0] - 0.5, (base_losses[0], base_losses[-1])

@@ -100,8 +100,13 @@ def test_seq_len_trains_on_windows_shorter_than_the_block(tmp_path, trained):
     x, y = run.trainer.sampler.next_batch()
     assert x.shape == y.shape == (4, 8)
     assert run.trainer.tokens_per_step == 4 * 8
-    run.trainer.fit(until=2)  # evaluation uses the same windows
-    assert run.trainer.evaluate(full=True)["tokens"] > 0
+    run.trainer.fit(until=2)
+    widths = set()
+    hook = run.model.register_forward_pre_hook(lambda module, args, kwargs: widths.add(kwargs["input_ids"].shape[1]),
+                                               with_kwargs=True)
+    run.trainer.evaluate(full=True)  # evaluation uses the same windows
+    hook.remove()
+    assert widths and max(widths) == 8
     with pytest.raises(LmforgeError, match="^seq_len 17 is longer than the model's block_size 16$"):
         prepare_run(finetune_options(tmp_path, trained, out="long", seq_len=17))
     with pytest.raises(LmforgeError, match="^seq_len must be at least 2; got 1$"):
@@ -119,10 +124,40 @@ def test_resume_needs_only_the_folder_and_keeps_the_run_own_settings(tmp_path, t
     del cut
     resumed = prepare_run({"out": str(tmp_path / "cut"), "resume": True}, train_defaults=FINETUNE_DEFAULTS)
     assert resumed.resumed and resumed.trainer.step == 6 and resumed.trainer.config.lr == 5e-4
+    assert resumed.init == str(trained.resolve())
     resumed.trainer.fit()
     losses = [[(r["step"], r["loss"]) for r in read_metrics(tmp_path / name, "train")] for name in ("whole", "cut")]
     assert losses[0] == losses[1] and len(losses[0]) == 12
     assert_same_weights(snapshot(resumed.model), snapshot(whole.model))
+
+
+def test_resume_before_the_first_checkpoint_starts_the_same_run_again(tmp_path, trained):
+    """A fine-tune that died before its first checkpoint restarts from its start model, data and
+    settings: the folder alone is enough."""
+    first = prepare_run(finetune_options(tmp_path, trained, lr=5e-4, seq_len=8), train_defaults=FINETUNE_DEFAULTS)
+    start = snapshot(first.model)
+    del first
+    again = prepare_run({"out": str(tmp_path / "ft"), "resume": True}, train_defaults=FINETUNE_DEFAULTS,
+                        require_init=True)
+    assert not again.resumed and again.init == str(trained.resolve())
+    assert again.trainer.config.lr == 5e-4 and again.trainer.seq_len == 8
+    assert_same_weights(snapshot(again.model), start)
+
+
+def test_runs_that_would_lose_or_confuse_a_model_are_refused(tmp_path, trained):
+    plain = tmp_path / "plain"  # a model folder that is not a run (as `convert` writes): nothing else guards it
+    model, tokenizer = load_model(trained)
+    save_model(model, plain, tokenizer)
+    with pytest.raises(LmforgeError, match="^--out must not be the --model folder: the run would overwrite the model"):
+        prepare_run(finetune_options(tmp_path, plain, out="plain"))
+    run = prepare_run(finetune_options(tmp_path, trained, max_steps=2, save_every=2))
+    run.trainer.fit()
+    other = tmp_path / "other"
+    with pytest.raises(LmforgeError, match=f"^{tmp_path / 'ft'} started from {trained.resolve()}; "
+                                            "resume it without --model$"):
+        prepare_run({"out": str(tmp_path / "ft"), "resume": True, "init": str(other)})
+    with pytest.raises(LmforgeError, match=f"^--model is required: {trained} holds no fine-tuning run to resume$"):
+        prepare_run({"out": str(trained), "resume": True}, require_init=True)
 
 
 def test_cli_finetune_applies_its_defaults_and_resumes(tmp_path, trained, capsys):
@@ -155,6 +190,19 @@ def test_cli_mistakes_are_one_line_exit_2(tmp_path, trained, capsys, extra, mess
     args = ["finetune", "--data", str(data), "--out", str(tmp_path / "x"), *[a.format(**names) for a in extra]]
     assert main(args) == 2
     assert one_line_error(capsys.readouterr().err) == message.format(**names)
+
+
+def test_config_files_name_the_start_model_only_in_finetune(tmp_path, trained, capsys):
+    data = write_corpus(tmp_path / "new", NEW_TEXT)
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"model: {trained}\nmax_steps: 2\nprogress: false\n")
+    assert main(["finetune", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["init"] == str(trained.resolve())
+    capsys.readouterr()
+    config.write_text(f"init: {trained}\n")
+    assert main(["pretrain", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "b")]) == 2
+    assert one_line_error(capsys.readouterr().err) == (
+        "lmforge pretrain: error: unknown option(s): init (to start from a model folder: lmforge finetune --model)")
 
 
 def test_cli_finetune_has_no_architecture_flags(tmp_path, trained, capsys):

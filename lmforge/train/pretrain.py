@@ -77,11 +77,12 @@ def _tokenizer_for(spec: str | None, vocab_size: int | None, documents: list[str
 
 
 def prepare_run(options: dict, documents: list[str] | None = None, summary: str = "",
-                train_defaults: dict | None = None) -> Run:
+                train_defaults: dict | None = None, require_init: bool = False) -> Run:
     """Build (or rebuild, with resume) everything a training run needs; nothing is trained yet.
 
     `documents` lets a caller (the demo) supply an already-loaded corpus instead of paths;
-    `train_defaults` replace TrainConfig's defaults in a new run (a resumed one keeps its own)."""
+    `train_defaults` replace TrainConfig's defaults in a new run (a resumed one keeps its own);
+    `require_init` (the finetune verb) refuses a run that does not start from a model folder."""
     run_opts, model_opts, train_opts = split_options(options)
     if not run_opts.get("out"):
         raise LmforgeError("--out is required: the run folder to write")
@@ -90,15 +91,26 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
     has_checkpoint = bool(checkpoint_dirs(out))
     if has_checkpoint and not resume:
         raise LmforgeError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    saved_run = _read_json(out / "run.json") if resume and has_checkpoint else {}
+    # --resume continues the run in `out`: from its newest checkpoint, or from its start if it
+    # died before the first one. run.json is written last, so it marks a fully prepared folder.
+    restart = resume and (out / "run.json").is_file()
+    saved_run = _read_json(out / "run.json") if restart else {}
+    given_init = run_opts.get("init")
+    if restart and given_init and saved_run.get("init") != os.path.abspath(given_init):
+        raise LmforgeError(f"{out} started from {saved_run.get('init') or 'scratch'}; resume it without --model")
     for key in ("data", "val_data", "dedup", "init"):
         run_opts.setdefault(key, saved_run.get(key))
     init = run_opts.get("init")
+    if require_init and not init:
+        raise LmforgeError(f"--model is required: {out} holds no fine-tuning run to resume" if resume else
+                           "--model is required: the model folder (lmforge or Hugging Face) to start from")
     if init:
         fixed = sorted((set(model_opts) - INIT_MODEL_FIELDS) | ({"tokenizer", "vocab_size"} & set(run_opts)))
         if fixed:
             raise LmforgeError(f"the model and tokenizer come from {init}; drop {', '.join(fixed)}")
-    if resume and has_checkpoint:
+        if not restart and Path(init).resolve() == out.resolve():
+            raise LmforgeError("--out must not be the --model folder: the run would overwrite the model it starts from")
+    if restart:
         train_opts = {**_read_json(out / "train_config.json"), **train_opts}
         model_opts = {**_read_json(out / "config.json"), **model_opts}
     else:
@@ -115,12 +127,12 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
         val_documents, _ = load_corpus(_as_list(run_opts["val_data"]), dedup=bool(run_opts.get("dedup")))
 
     world = init_world()  # one process, or one rank of a torchrun job
-    start = None  # the trained model an init run starts from
-    if resume and has_checkpoint:
-        tokenizer = Tokenizer.load(out / "tokenizer.json")
-    elif init:
+    start = None  # the trained model an init run starts from (a checkpoint, if any, replaces it)
+    if init and not has_checkpoint:
         start, tokenizer = _load_start(init)
         model_opts = {**start.config.to_dict(), **model_opts}
+    elif restart:
+        tokenizer = Tokenizer.load(out / "tokenizer.json")
     else:  # rank 0 trains the tokenizer; the other ranks load what it saved
         tokenizer = _main_first(
             world,
@@ -153,6 +165,8 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
     if not world.is_main:
         return Run(trainer, model, tokenizer, resumed, summary, init)
     out.mkdir(parents=True, exist_ok=True)
+    model_config.save(out / "config.json")
+    tokenizer.save(out / "tokenizer.json")
     atomic_write_text(out / "train_config.json", json.dumps(train_config.to_dict(), indent=2) + "\n")
     run_record = {  # absolute paths: --resume works from any working directory
         "data": [os.path.abspath(p) for p in _as_list(run_opts.get("data"))] or None,
@@ -160,9 +174,7 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
         "dedup": run_opts.get("dedup"),
         "init": os.path.abspath(init) if init else None,
     }
-    atomic_write_text(out / "run.json", json.dumps(run_record, indent=2) + "\n")
-    model_config.save(out / "config.json")
-    tokenizer.save(out / "tokenizer.json")
+    atomic_write_text(out / "run.json", json.dumps(run_record, indent=2) + "\n")  # last: the folder is ready
     return Run(trainer, model, tokenizer, resumed, summary, init)
 
 
