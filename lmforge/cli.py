@@ -112,6 +112,10 @@ def _print_run_header(run) -> None:
         f"model: {model.config.arch}, {model.num_parameters() / 1e6:.2f}M parameters, "
         f"{model.flops_per_token() / 1e6:.1f} MFLOP per trained token"
     )
+    unk = run.tokenizer.unk_id
+    unknown = trainer.train_store.count(unk) / max(len(trainer.train_store), 1) if unk is not None else 0.0
+    if unknown >= 0.001:  # a char tokenizer reused on new text (finetune, --tokenizer FILE) maps new characters here
+        print(f"note: {unknown:.1%} of the training tokens are unknown to the tokenizer")
     if run.init and not run.resumed:
         print(f"starting from {run.init}")
     if run.resumed:

@@ -5,11 +5,13 @@ text, resumes from its own folder, and refuses what would silently change the mo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import (  # noqa: F401  (token_cache and one_thread are autouse fixtures)
+    ENGLISH,
     assert_same_weights,
     one_line_error,
     one_thread,
@@ -168,6 +170,10 @@ def test_cli_finetune_applies_its_defaults_and_resumes(tmp_path, trained, capsys
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert f"starting from {trained}" in printed and "done: step 4" in printed
+    new_chars = sum(NEW_TEXT.count(c) for c in set(NEW_TEXT) - set(ENGLISH))  # 'S': the base model never saw it
+    share = new_chars / len(NEW_TEXT)
+    printed_share = re.search(r"note: ([\d.]+)% of the training tokens are unknown to the tokenizer", printed)
+    assert share > 0.01 and printed_share and abs(float(printed_share[1]) / 100 - share) < 0.005
     config = json.loads((out / "train_config.json").read_text())
     assert {k: config[k] for k in FINETUNE_DEFAULTS if k != "max_steps" and k != "save_every"} == {
         k: v for k, v in FINETUNE_DEFAULTS.items() if k != "max_steps" and k != "save_every"}

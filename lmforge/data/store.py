@@ -47,6 +47,10 @@ class TokenStore:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def count(self, token_id: int) -> int:
+        """How often one id occurs (e.g. <unk>: text the tokenizer cannot represent)."""
+        return int(np.count_nonzero(self.tokens == token_id))
+
     def __repr__(self) -> str:
         return f"TokenStore({len(self)} tokens, {self.n_bytes} bytes)"
 
