@@ -67,7 +67,7 @@ def force_path(layer: Int8Linear, path: str, monkeypatch) -> None:
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("rows", [1, 3, 40])  # decoding sizes, and a prefill-sized product
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])  # decoding sizes, a short prompt, and a longer one
 def test_int8_linear_multiplies_by_its_dequantized_weight(path, bias, rows, monkeypatch):
     torch.manual_seed(0)
     linear = nn.Linear(52, 26, bias=bias)  # widths that are not multiples of the kernel's 8 or 4
@@ -80,6 +80,21 @@ def test_int8_linear_multiplies_by_its_dequantized_weight(path, bias, rows, monk
         assert out.shape == (rows, 1, 26)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         assert 0 < relative_error(linear(x), out) < 0.02  # it did round, and only a little
+
+
+def test_int8_weights_use_the_kernel_up_to_max_int8_rows(monkeypatch):
+    if not kernels.available():
+        pytest.skip("lmforge's CPU kernel cannot be built here")
+    calls = []
+    real = kernels.small_matmul
+    monkeypatch.setattr(kernels, "small_matmul", lambda *args: calls.append(args[0].shape[0]) or real(*args))
+    layer = Int8Linear.from_linear(nn.Linear(16, 8))
+    fp32 = nn.Linear(16, 8)
+    with torch.no_grad():
+        for rows in (kernels.MAX_ROWS + 1, kernels.MAX_INT8_ROWS, kernels.MAX_INT8_ROWS + 1):
+            layer(torch.randn(rows, 16))
+        assert not kernels.fits(torch.randn(kernels.MAX_ROWS + 1, 16), fp32.weight)  # fp32 keeps MKL from 9 rows
+    assert calls == [kernels.MAX_ROWS + 1, kernels.MAX_INT8_ROWS]
 
 
 def test_int8pack_is_missing(monkeypatch):
