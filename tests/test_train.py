@@ -274,6 +274,18 @@ def test_resume_continues_exactly(tmp_path):
     assert_same_weights(snapshot(b2.model), snapshot(a.model))
 
 
+def test_resume_of_a_checkpointed_run_keeps_its_tokenizer_without_run_json(tmp_path):
+    """run.json marks a prepared folder, but a checkpoint alone is enough to resume from: the
+    tokenizer is the folder's, not one retrained on whatever text is given now."""
+    a = prepare_run(tiny_options(tmp_path, out="a", **RESUME))
+    a.trainer.fit(until=10)
+    (tmp_path / "a" / "run.json").unlink()
+    other = write_corpus(tmp_path / "other", ENGLISH + "Zebras yodel, quixotically.\n")
+    b = prepare_run({**tiny_options(tmp_path, out="a", **RESUME), "data": [str(other)], "resume": True})
+    assert b.resumed and b.trainer.step == 10
+    assert b.tokenizer.vocab_size == a.tokenizer.vocab_size
+
+
 def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     a = prepare_run(tiny_options(tmp_path, out="a", **RESUME))
     a.trainer.fit()

@@ -93,7 +93,7 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
         raise LmforgeError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     # --resume continues the run in `out`: from its newest checkpoint, or from its start if it
     # died before the first one. run.json is written last, so it marks a fully prepared folder.
-    restart = resume and (out / "run.json").is_file()
+    restart = resume and (has_checkpoint or (out / "run.json").is_file())
     saved_run = _read_json(out / "run.json") if restart else {}
     given_init = run_opts.get("init")
     if restart and given_init and saved_run.get("init") != os.path.abspath(given_init):
