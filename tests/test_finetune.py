@@ -175,8 +175,8 @@ def test_cli_finetune_applies_its_defaults_and_resumes(tmp_path, trained, capsys
     printed_share = re.search(r"note: ([\d.]+)% of the training tokens are unknown to the tokenizer", printed)
     assert share > 0.01 and printed_share and abs(float(printed_share[1]) / 100 - share) < 0.005
     config = json.loads((out / "train_config.json").read_text())
-    assert {k: config[k] for k in FINETUNE_DEFAULTS if k != "max_steps" and k != "save_every"} == {
-        k: v for k, v in FINETUNE_DEFAULTS.items() if k != "max_steps" and k != "save_every"}
+    not_given = ("lr", "min_lr", "warmup_steps", "eval_every")  # the flags above set max_steps and save_every
+    assert {k: config[k] for k in not_given} == {k: FINETUNE_DEFAULTS[k] for k in not_given}
     assert main(["finetune", "--out", str(out), "--resume", "--max-steps", "6", "--no-progress"]) == 0
     assert "resuming at step 4" in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(out, "train") if r["step"] % 2 == 0][-1] == 6
