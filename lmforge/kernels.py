@@ -5,6 +5,8 @@
   (PyTorch's CPU flash kernel is built for long sequences and is slowest at the short ones
   small models train on).
 - csrc/gelu.cpp: exact GELU whose forward pass also stores its derivative.
+- csrc/decode.cpp: a whole pre-norm decoder block for one new token per sequence, in one call
+  (model/fused_decode.py), which removes eager decoding's Python and dispatch overhead.
 
 Decoding multiplies one row per sequence (batch 1 to 8) by every weight matrix, so each weight
 is read from memory once and used a handful of times: the speed limit is memory bandwidth. For
@@ -31,7 +33,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "small_matmul.cpp", CSRC / "attention.cpp", CSRC / "gelu.cpp"]
+SOURCES = [CSRC / "small_matmul.cpp", CSRC / "attention.cpp", CSRC / "gelu.cpp", CSRC / "decode.cpp"]
+HEADERS = [CSRC / "vec_math.h", CSRC / "small_matmul.h"]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 # Up to this many rows the kernel beats MKL (fp32: 12 vs 19 ms at 1 row, 16 vs 27 ms at 8, for
 # 190 MB of weights); from 16 rows on the product is compute-bound and MKL is as fast or faster.
@@ -46,7 +49,7 @@ _available: bool | None = None
 def _build_directory() -> Path:
     """One folder per source, flags and torch version, so a stale build is never loaded."""
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    code = b"".join(path.read_bytes() for path in [*SOURCES, CSRC / "vec_math.h"])
+    code = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
     digest = hashlib.sha256(code + " ".join(FLAGS).encode() + torch.__version__.encode())
     return root / f"lmforge_kernels_{digest.hexdigest()[:12]}"
 

@@ -31,6 +31,7 @@ class AttentionContext:
     position_ids: torch.Tensor | None = None  # (B or 1, Tq): token positions, for RoPE
     q_index: torch.Tensor | None = None  # (Tq,): index of each query in the key sequence
     rotary_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # RoPE cos/sin, looked up by the first layer
+    decode_rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # the same for fused decoding (B, head_dim)
 
 
 def build_mask(

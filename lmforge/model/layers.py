@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lmforge import kernels
 from lmforge.model.attention import Attention, AttentionContext
+from lmforge.model import fused_decode
 from lmforge.model.cache import LayerCache
 from lmforge.model.linear import Linear
 from lmforge.model.position import Rotary
@@ -88,6 +89,10 @@ class Block(nn.Module):
         memory: torch.Tensor | None = None,
         memory_ctx: AttentionContext | None = None,
     ) -> torch.Tensor:
+        if fused_decode.fits(self, x, cache, memory):  # one new token: the whole block in one C++ call
+            out = fused_decode.run(self, x, ctx, cache)
+            if out is not None:
+                return out
         x = self._residual(x, self.attn_norm, lambda h: self.attn(h, ctx, cache))
         if self.cross_attn is not None:
             x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, memory_ctx, cache, memory))
