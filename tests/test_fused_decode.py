@@ -84,7 +84,7 @@ def test_fused_step_equals_the_module_path(kernel, fused_calls, layout, int8):
     module_logits, module_cache = stepwise(model, fused=False)
     assert not fused_calls
     torch.testing.assert_close(fused_logits, module_logits, rtol=1e-5, atol=1e-5)
-    for fused, module in zip(fused_cache, module_cache):
+    for fused, module in zip(fused_cache, module_cache, strict=True):
         torch.testing.assert_close(fused, module, rtol=1e-5, atol=1e-6)
 
 

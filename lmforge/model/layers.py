@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge import kernels
-from lmforge.model.attention import Attention, AttentionContext
 from lmforge.model import fused_decode
+from lmforge.model.attention import Attention, AttentionContext
 from lmforge.model.cache import LayerCache
 from lmforge.model.linear import Linear
 from lmforge.model.position import Rotary
