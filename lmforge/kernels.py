@@ -40,8 +40,9 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 # 190 MB of weights); from 16 rows on the product is compute-bound and MKL is as fast or faster.
 MAX_ROWS = 8
 # int8 weights: the alternative is dequantising the whole matrix to fp32 for MKL, so the kernel
-# stays ahead longer (48 products of GPT-2 small: 16 rows 55 vs 97 ms, 32 rows 111 vs 117).
-MAX_INT8_ROWS = 24
+# stays ahead longer (48 products of GPT-2 small: 16 rows 55 vs 97 ms; 32 rows 111 vs 117, and
+# 126 vs 160 in a second session; 64 rows 228 vs 155).
+MAX_INT8_ROWS = 32
 
 _available: bool | None = None
 
