@@ -232,7 +232,7 @@ at::Tensor decode_block(const at::Tensor& input, const Params& params, const at:
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
-  m.def("decode_block(Tensor x, Tensor?[] params, Tensor(a!) keys, Tensor(b!) values, int length, Tensor? key_mask, "
+  m.def("decode_block(Tensor x, Tensor?[] params, Tensor(a!) keys, Tensor(b!) values, SymInt length, Tensor? key_mask, "
         "Tensor? cos, Tensor? sin, int[] dims, float[] numbers) -> Tensor");
 }
 
