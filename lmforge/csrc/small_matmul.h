@@ -26,6 +26,11 @@ inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
 }
 
+// int8 weights: ask for the bytes 2 KB ahead. The conversions keep the core busy enough that the
+// hardware prefetcher falls behind: the 49 products of GPT-2 small streamed 3–23% faster
+// (medians of 7, six runs). fp32 weights stream faster without it (21 against 17 GB/s).
+inline void prefetch_ahead(const int8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0); }
+
 // x . w over K: four independent accumulators keep several multiply-adds in flight. One row
 // at a time, so each thread reads its share of the weights as one sequential stream, which the
 // hardware prefetcher follows best (interleaving four rows measured 9 GB/s for int8, this 20).
@@ -34,6 +39,7 @@ inline float dot(const float* x, const W* w, int64_t K) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
+    if constexpr (sizeof(W) == 1) prefetch_ahead(w + k);
     a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8(w + k), a0);
     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load8(w + k + 8), a1);
     a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load8(w + k + 16), a2);
