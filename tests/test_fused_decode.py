@@ -4,8 +4,6 @@ left-padded batches; which blocks it refuses; its plan following a quantised mod
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from helpers import one_thread, token_cache  # noqa: F401  (fixtures are registered by import)
@@ -165,8 +163,106 @@ def test_the_operator_checks_weight_shapes(kernel):
                                        dims, numbers)
 
 
-def test_a_deep_copy_gets_its_own_plan(kernel):
+def test_changes_to_a_block_after_decoding_began_are_used(kernel):
+    """The plan is remade every step: reassigned weights, another activation or eps count."""
+    changes = [
+        lambda b: setattr(b.attn_norm, "weight", torch.nn.Parameter(torch.full((32,), 3.0))),
+        lambda b: setattr(b.ffn.down, "bias", torch.nn.Parameter(torch.randn(32))),
+        lambda b: setattr(b.ffn, "act", torch.nn.ReLU()),
+        lambda b: (setattr(b.attn_norm, "eps", 10.0), setattr(b.ffn_norm, "eps", 10.0)),
+        lambda b: setattr(b.attn, "scale", 2.0),
+    ]
+    for change in changes:
+        model = build("gpt2")
+        stepwise(model, fused=True, steps=1)  # decoding has begun
+        change(model.decoder.blocks[0])
+        fused, _ = stepwise(model, fused=True)
+        module, _ = stepwise(model, fused=False)
+        torch.testing.assert_close(fused, module, rtol=1e-5, atol=1e-5)
+
+
+def test_quantising_after_decoding_keeps_no_fp32_weight_alive(kernel):
+    import weakref
+
     model = build("gpt2")
-    fused_decode.plan(model.decoder.blocks[0])
-    twin = copy.deepcopy(model)
-    assert fused_decode.plan(twin.decoder.blocks[0])[0][2] is twin.decoder.blocks[0].attn.qkv.weight
+    stepwise(model, fused=True, steps=1)
+    old = weakref.ref(model.decoder.blocks[0].attn.qkv.weight)
+    quantize_int8(model)
+    assert old() is None
+
+
+def test_a_mask_with_one_row_for_the_whole_batch(kernel, fused_calls):
+    """AttentionContext.mask need only broadcast to the batch."""
+    model = build("default")
+    logits = {}
+    for fused in (True, False):
+        fused_decode.enabled = fused
+        try:
+            cache = model.new_cache(2, 4)
+            with torch.no_grad():
+                model(torch.tensor([[0, 1, 2], [0, 3, 4]]), attention_mask=torch.tensor([[0, 1, 1]]), cache=cache)
+                logits[fused] = model(torch.tensor([[5], [6]]), attention_mask=torch.tensor([[0, 1, 1, 1]]),
+                                      cache=cache).logits
+        finally:
+            fused_decode.enabled = True
+    assert fused_calls and all(fused_calls)
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_wider_heads_and_a_full_batch(kernel, fused_calls, int8):
+    """head_dim 12 and widths that are not multiples of 32 exercise the kernels' tail loops."""
+    torch.manual_seed(1)
+    model = LanguageModel(ModelConfig(**{**BASE, "n_embd": 36, "n_head": 3}, position="rope")).eval()
+    model = quantize_int8(model) if int8 else model
+    prompts = [[i + 1] * (i % 3 + 1) for i in range(kernels.MAX_ROWS)]  # left padding of 0–2
+    config = GenerationConfig(max_new_tokens=6, temperature=0)
+    logits = {}
+    for fused in (True, False):
+        fused_decode.enabled = fused
+        try:
+            cache = model.new_cache(kernels.MAX_ROWS, 10)
+            ids = torch.tensor([[0] * (3 - len(p)) + p for p in prompts])
+            mask = (torch.arange(3) >= 3 - torch.tensor([len(p) for p in prompts])[:, None]).long()
+            full = torch.cat([mask, torch.ones(kernels.MAX_ROWS, 4, dtype=torch.long)], dim=1)
+            with torch.no_grad():
+                model(ids, attention_mask=mask, cache=cache)
+                logits[fused] = torch.cat([
+                    model(torch.full((kernels.MAX_ROWS, 1), 7 + i), attention_mask=full[:, : cache.length + 1],
+                          cache=cache).logits for i in range(4)], dim=1)
+        finally:
+            fused_decode.enabled = True
+    assert fused_calls and all(fused_calls)
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+    assert len(list(decode_steps(model, prompts, config))) == 6
+
+
+def test_the_operator_checks_its_other_inputs(kernel):
+    model = build("llama")
+    params, dims, numbers = fused_decode.plan(model.decoder.blocks[0])
+    cache = model.new_cache(1, 4).layers[0]
+    x, table = torch.randn(1, 32), torch.ones(1, 8)
+    op = torch.ops.lmforge.decode_block
+
+    def call(**changes):
+        args = dict(params=list(params), values=cache.values, cos=table, sin=table, dims=dims)
+        args.update(changes)
+        op(x, args["params"], cache.keys, args["values"], 0, None, args["cos"], args["sin"], args["dims"], numbers)
+
+    call()  # as given: fine
+    with pytest.raises(RuntimeError, match="same shape"):
+        call(values=cache.values[:, :, :2].contiguous())
+    with pytest.raises(RuntimeError, match="both rotary tables or neither"):
+        call(sin=None)
+    with pytest.raises(RuntimeError, match=r"rotary tables must be contiguous float32 \(B, head_dim\)"):
+        call(cos=torch.ones(1, 4), sin=torch.ones(1, 4))
+    with pytest.raises(RuntimeError, match="unknown activation code"):
+        call(dims=[*dims[:4], 9])
+    short_norm = list(params)
+    short_norm[0] = short_norm[0][:-1]
+    with pytest.raises(RuntimeError, match="norm weights, biases and scales"):
+        call(params=short_norm)
+    no_weight = list(params)
+    no_weight[2] = None
+    with pytest.raises(RuntimeError, match="a weight is missing"):
+        call(params=no_weight)

@@ -174,22 +174,46 @@ at::Tensor decode_block(const at::Tensor& input, const Params& params, const at:
   const int64_t capacity = keys.size(2), T = length + 1;
   TORCH_CHECK(keys.size(0) == B && keys.size(1) == G && keys.size(3) == d && T <= capacity && H % G == 0,
               "decode_block: cache shape does not match");
+  TORCH_CHECK(values.sizes() == keys.sizes() && values.scalar_type() == at::kFloat,
+              "decode_block: keys and values must have the same shape");
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "decode_block: give both rotary tables or neither");
+  for (const auto& table : {cos, sin}) {
+    TORCH_CHECK(!table || (table->scalar_type() == at::kFloat && table->is_contiguous() && table->dim() == 2 &&
+                           table->size(0) == B && table->size(1) == d),
+                "decode_block: rotary tables must be contiguous float32 (B, head_dim)");
+  }
+  TORCH_CHECK(dims[3] == kLayerNorm || dims[3] == kRMSNorm, "decode_block: unknown norm code");
+  TORCH_CHECK(dims[4] >= kGelu && dims[4] <= kSwiglu, "decode_block: unknown activation code");
   const Norm norm = Norm(dims[3]);
   const Activation act = Activation(dims[4]);
   const double eps = numbers[0];
   const float scale = static_cast<float>(numbers[1]);
 
+  for (Slot slot : {kQkvW, kProjW, kUpW, kDownW}) {
+    TORCH_CHECK(params.get(slot).has_value() && params.get(slot)->dim() == 2, "decode_block: a weight is missing");
+  }
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty({B, C}, x.options());
   const int64_t qkv_width = (H + 2 * G) * d, up_width = (*params.get(kUpW)).size(0);
   const int64_t ffn_width = act == kSwiglu ? up_width / 2 : up_width;
   auto shaped = [&](Slot slot, int64_t rows, int64_t cols) {
     const at::Tensor w = *params.get(slot);
-    return w.dim() == 2 && w.size(0) == rows && w.size(1) == cols && w.is_contiguous();
+    return w.size(0) == rows && w.size(1) == cols && w.is_contiguous();
   };
   TORCH_CHECK(shaped(kQkvW, qkv_width, C) && shaped(kProjW, C, H * d) && shaped(kUpW, up_width, C) &&
                   shaped(kDownW, C, ffn_width),
               "decode_block: weight shapes do not match the block");
+  auto vector_fits = [&](Slot slot, int64_t n, bool required) {
+    const std::optional<at::Tensor> t = params.get(slot);
+    if (!t) return !required;
+    return t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n;
+  };
+  TORCH_CHECK(vector_fits(kNorm1W, C, true) && vector_fits(kNorm2W, C, true) && vector_fits(kNorm1B, C, false) &&
+                  vector_fits(kNorm2B, C, false) && vector_fits(kQkvS, qkv_width, false) &&
+                  vector_fits(kQkvB, qkv_width, false) && vector_fits(kProjS, C, false) &&
+                  vector_fits(kProjB, C, false) && vector_fits(kUpS, up_width, false) &&
+                  vector_fits(kUpB, up_width, false) && vector_fits(kDownS, C, false) && vector_fits(kDownB, C, false),
+              "decode_block: norm weights, biases and scales must be contiguous float32 vectors of the block's widths");
   std::vector<float> h(B * C), qkv(B * qkv_width), q(B * H * d), y(B * H * d), u(B * up_width);
 
   normalize(x.data_ptr<float>(), h.data(), optional_data(params, kNorm1W), optional_data(params, kNorm1B), B, C, norm, eps);

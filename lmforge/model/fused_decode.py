@@ -3,17 +3,16 @@
 Eager decoding runs ~30 small operations per block for each new token; their Python and
 dispatch overhead, not their arithmetic, cost GPT-2 small about as much time per token as its
 int8 matrix products. `Block.forward` hands a step here when `fits` says the kernel computes
-exactly what the modules would: pre-norm, self-attention only, no score bias (ALiBi, relative),
-LayerNorm or RMSNorm, one of the usual activations, fp32 or int8 weights, a few rows of one
-token each, nothing to differentiate. Everything else keeps the module path, which stays the
-reference the tests compare this one against. Forward hooks on the block's sub-modules do not
-run on this path. Under torch.compile the operator is opaque (kernels.py registers its output
-shape; the cache length is a SymInt, so one graph serves every step).
+exactly what the modules would (`fits`, then `plan`): pre-norm, self-attention only, no score
+bias (ALiBi, relative), LayerNorm or RMSNorm, one of the usual activations, fp32 or int8
+weights, a few rows of one token each, nothing to differentiate, no autocast. Everything else
+keeps the module path, which stays the reference the tests compare this one against. Forward
+hooks on the block's sub-modules do not run on this path (set `enabled = False` to keep them).
+Under torch.compile the operator is opaque (kernels.py registers its output shape; the cache
+length is a SymInt, so the growing cache does not recompile it).
 """
 
 from __future__ import annotations
-
-import operator
 
 import torch
 import torch.nn as nn
@@ -22,70 +21,61 @@ from lmforge import kernels
 from lmforge.model.attention import AttentionContext
 from lmforge.model.cache import LayerCache
 from lmforge.model.linear import Linear
+from lmforge.quantize import Int8Linear
 
 NORMS = {nn.LayerNorm: 0, nn.RMSNorm: 1}
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2}  # SwiGLU (3) has no activation module
-enabled = True  # tests switch it off to compare with the module path
+KERNEL_WEIGHTS = (torch.float32, torch.int8)
+enabled = True  # False: every block keeps the module path (tests compare the two)
 
 
 def _linear_parts(layer: nn.Module) -> list | None:
-    """[weight, scales, bias] of a Linear or an Int8Linear; None for any other layer."""
-    from lmforge.quantize import Int8Linear  # quantize imports the model's Linear: import here
-
-    if type(layer) is Linear:
-        return [layer.weight, None, layer.bias]
-    if type(layer) is Int8Linear:
-        return [layer.weight, layer.scales, layer.bias]
-    return None
-
-
-def _kernel_weight(weight: torch.Tensor) -> bool:
-    return weight.dtype in (torch.float32, torch.int8) and weight.is_contiguous()
+    """[weight, scales, bias] of a Linear or an Int8Linear with a weight the kernel reads; else None."""
+    kind = type(layer)
+    if kind is Linear:
+        parts = [layer.weight, None, layer.bias]
+    elif kind is Int8Linear:
+        parts = [layer.weight, layer.scales, layer.bias]
+    else:
+        return None
+    weight = parts[0]
+    return parts if weight.dtype in KERNEL_WEIGHTS and weight.is_contiguous() else None
 
 
 def _activation_code(ffn: nn.Module) -> int | None:
     if ffn.gated:
         return 3
     act = ffn.act
+    if type(act) is nn.ReLU:
+        return ACTIVATIONS["relu"]
     if isinstance(act, nn.GELU):
         return ACTIVATIONS["gelu_tanh" if act.approximate == "tanh" else "gelu"]
-    return ACTIVATIONS["relu"] if type(act) is nn.ReLU else None
+    return None
 
 
 def plan(block: nn.Module) -> tuple | None:
     """(parameters, dims, [norm eps, attention scale]) for the kernel, or None if the block has
-    a part it does not implement. Kept on the block with the sub-modules and weights it was made
-    from, and remade when one of them changes (quantize_int8 swaps the layers, for one): making
-    it costs ~35 µs of Python, checking it ~5."""
-    attn, ffn = block.attn, block.ffn
-    layers = (attn.qkv, attn.proj, ffn.up, ffn.down)
-    key = (*layers, *(layer.weight for layer in layers), block.attn_norm, block.ffn_norm, block.cross_attn)
-    saved = block.__dict__.get("_fused_plan")
-    if saved is None or not all(map(operator.is_, saved[0], key)):
-        saved = block.__dict__["_fused_plan"] = (key, _make_plan(block))
-    return saved[1]
-
-
-def _make_plan(block: nn.Module) -> tuple | None:
-    attn, ffn = block.attn, block.ffn
-    norms = (block.attn_norm, block.ffn_norm)
-    if not block.pre_norm or block.cross_attn is not None or attn.cross or attn.relative is not None:
+    a part it does not implement. Made afresh on every step (~15 µs of Python for a block), so
+    whatever changed in the block since the last step (quantize_int8 swapping its layers, a
+    loaded or reassigned weight, another activation) is what the kernel computes with, and no
+    replaced tensor is kept alive."""
+    attn, ffn, norm1, norm2 = block.attn, block.ffn, block.attn_norm, block.ffn_norm
+    norm = NORMS.get(type(norm1))
+    if norm is None or type(norm2) is not type(norm1) or norm1.eps != norm2.eps or not block.pre_norm:
         return None
-    if attn.alibi is not None or any(type(n) not in NORMS or n.weight is None for n in norms):
+    if block.cross_attn is not None or attn.cross or attn.relative is not None or attn.alibi is not None:
         return None
-    if type(norms[0]) is not type(norms[1]) or norms[0].eps != norms[1].eps:
+    weights = (norm1.weight, norm2.weight)
+    if any(w is None or w.dtype != torch.float32 for w in weights):
         return None
     activation = _activation_code(ffn)
-    layers = [_linear_parts(layer) for layer in (attn.qkv, attn.proj, ffn.up, ffn.down)]
-    if activation is None or any(parts is None or not _kernel_weight(parts[0]) for parts in layers):
+    qkv, proj, up, down = (_linear_parts(layer) for layer in (attn.qkv, attn.proj, ffn.up, ffn.down))
+    if activation is None or qkv is None or proj is None or up is None or down is None:
         return None
-    if any(n.weight.dtype != torch.float32 for n in norms):
-        return None
-    norm1, norm2 = ([n.weight, getattr(n, "bias", None)] for n in norms)
-    params = [*norm1, *layers[0], *layers[1], *norm2, *layers[2], *layers[3]]
-    eps = norms[0].eps if norms[0].eps is not None else torch.finfo(torch.float32).eps
-    dims = [attn.n_head, attn.n_kv_head, attn.head_dim, NORMS[type(norms[0])], activation]
-    return params, dims, [float(eps), attn.scale]
+    params = [weights[0], getattr(norm1, "bias", None), *qkv, *proj, weights[1], getattr(norm2, "bias", None), *up,
+              *down]
+    eps = norm1.eps if norm1.eps is not None else torch.finfo(torch.float32).eps
+    return params, [attn.n_head, attn.n_kv_head, attn.head_dim, norm, activation], [float(eps), attn.scale]
 
 
 def fits(block: nn.Module, x: torch.Tensor, cache: LayerCache | None, memory) -> bool:
@@ -93,6 +83,8 @@ def fits(block: nn.Module, x: torch.Tensor, cache: LayerCache | None, memory) ->
     if cache is None or x.shape[1] != 1 or not enabled or memory is not None or block.training:
         return False
     if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
+        return False
+    if torch.is_autocast_enabled("cpu"):  # the module path would run parts of the step in bf16
         return False
     if x.shape[0] > kernels.MAX_ROWS or cache.keys.dtype != torch.float32:
         return False
@@ -111,7 +103,9 @@ def run(block: nn.Module, x: torch.Tensor, ctx: AttentionContext, cache: LayerCa
     cos = sin = None
     if block.attn.rotary is not None:
         cos, sin = _rotary_rows(block.attn.rotary, ctx, x.shape[0])
-    key_mask = None if ctx.mask is None else ctx.mask.reshape(x.shape[0], -1)
+    key_mask = None  # (B or 1, 1, 1, T) → (B, T)
+    if ctx.mask is not None:
+        key_mask = ctx.mask.expand(x.shape[0], -1, -1, -1).reshape(x.shape[0], -1)
     out = torch.ops.lmforge.decode_block.default(
         x.view(x.shape[0], -1), params, cache.keys, cache.values, cache.length, key_mask, cos, sin, dims, numbers
     )
