@@ -8,7 +8,7 @@
 - csrc/decode.cpp: a whole pre-norm decoder block for one new token per sequence, in one call
   (model/fused_decode.py), which removes eager decoding's Python and dispatch overhead.
 
-Decoding multiplies one row per sequence (batch 1 to 8) by every weight matrix, so each weight
+Decoding multiplies one row per sequence (a batch of a few) by every weight matrix, so each weight
 is read from memory once and used a handful of times: the speed limit is memory bandwidth. For
 such shapes MKL's sgemm runs on one thread at about half the machine's read bandwidth (12 vs
 24 GB/s measured on a 2-core AVX2 machine), which held GPT-2-small decoding to 21 tokens/s where
@@ -36,13 +36,14 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "small_matmul.cpp", CSRC / "attention.cpp", CSRC / "gelu.cpp", CSRC / "decode.cpp"]
 HEADERS = [CSRC / "vec_math.h", CSRC / "small_matmul.h"]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
-# Up to this many rows the kernel beats MKL (fp32: 12 vs 19 ms at 1 row, 16 vs 27 ms at 8, for
-# 190 MB of weights); from 16 rows on the product is compute-bound and MKL is as fast or faster.
-MAX_ROWS = 8
+# Up to this many rows the kernel beats MKL (fp32, the 48 products of GPT-2 small's layers,
+# one A/B run: 1 row 15 vs 25 ms, 8 rows 28 vs 53, 32 rows 60 vs 71, 64 rows 111 vs 105). From
+# 2 rows on it multiplies tiles of rows (small_matmul.h), which is what carries it this far.
+MAX_ROWS = 32
 # int8 weights: the alternative is dequantising the whole matrix to fp32 for MKL, so the kernel
-# stays ahead longer (48 products of GPT-2 small: 16 rows 55 vs 97 ms; 32 rows 111 vs 117, and
-# 126 vs 160 in a second session; 64 rows 228 vs 155).
-MAX_INT8_ROWS = 32
+# stays ahead longer (same products and run: 8 rows 15 vs 52 ms, 32 rows 60 vs 87, 64 rows 92
+# vs 107).
+MAX_INT8_ROWS = 64
 
 _available: bool | None = None
 

@@ -22,7 +22,7 @@ def kernel():
         pytest.skip("lmforge's CPU kernel cannot be built here")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 32])  # one dot per row, then tiles of 4, 2 and 1 rows
 @pytest.mark.parametrize("k", [7, 8, 40, 77, 256])  # below, at, between and above the 8- and 32-wide steps
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
 def test_small_matmul_matches_torch(kernel, rows, k, dtype):

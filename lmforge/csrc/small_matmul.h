@@ -1,7 +1,7 @@
 // y = x @ w^T * scales + bias for a few rows of x, as a C++ template: the matrix products of
 // decoding, used by the small_matmul operator and by the fused decoder block (decode.cpp).
 //
-// Decoding one token per sequence multiplies M = batch rows (1 to 8) by every weight matrix, so
+// Decoding one token per sequence multiplies M = batch rows (a few) by every weight matrix, so
 // each weight is read from memory once and used only M times: speed is set by memory bandwidth.
 // MKL runs these shapes on one thread at about half the machine's read bandwidth; this kernel
 // splits the weight rows over torch's threads and streams them with AVX2 fused multiply-adds.
@@ -51,9 +51,73 @@ inline float dot(const float* x, const W* w, int64_t K) {
   return sum;
 }
 
+// R rows of x (R <= 4) times weight rows n and n + 1, into out[r][0..1]: each weight vector is
+// loaded (and converted) once for R rows, and each x vector once for two weight rows, so the
+// loop does 2R multiply-adds per 2 + R loads instead of one per two. For 8 rows this is 1.25×
+// (fp32) to 1.6× (int8) faster than a dot per row; for 32, 1.35–1.7× (49 products of GPT-2
+// small, one quiet run).
+template <typename W, int R>
+inline void tile(const float* x, const W* w0, int64_t K, float out[R][2]) {
+  const W* w1 = w0 + K;
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 a = load8(w0 + k), b = load8(w1 + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * K + k);
+      acc[r][0] = _mm256_fmadd_ps(xv, a, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xv, b, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < 2; ++c) {
+      const W* row = c ? w1 : w0;
+      float sum = lmforge_vec::horizontal_add(acc[r][c]);
+      for (int64_t j = k; j < K; ++j) sum += x[r * K + j] * static_cast<float>(row[j]);
+      out[r][c] = sum;
+    }
+  }
+}
+
+// Rows m0 .. m0 + R - 1 of y for the weight-row pair (n, n + 1).
+template <typename W, int R>
+inline void pair_of_columns(const float* x, const W* w, const float* scales, const float* bias, float* y, int64_t m0,
+                            int64_t n, int64_t N, int64_t K) {
+  float out[R][2];
+  tile<W, R>(x + m0 * K, w + n * K, K, out);
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < 2; ++c) {
+      y[(m0 + r) * N + n + c] = out[r][c] * (scales ? scales[n + c] : 1.0f) + (bias ? bias[n + c] : 0.0f);
+    }
+  }
+}
+
+// From this many rows of x on, the tiles win (int8 at 2 rows: 10.6 against 7.4 ms for a dot per row).
+template <typename W>
+constexpr int64_t kTiledFromRows = sizeof(W) == 1 ? 4 : 2;
+
 template <typename W>
 void matmul_rows(const float* x, const W* w, const float* scales, const float* bias, float* y, int64_t M,
                  int64_t N, int64_t K) {
+  if (M >= kTiledFromRows<W>) {
+    at::parallel_for(0, (N + 1) / 2, 32, [&](int64_t first, int64_t last) {  // pairs of weight rows
+      for (int64_t pair = first; pair < last; ++pair) {
+        const int64_t n = 2 * pair;
+        if (n + 1 == N) {  // an odd last row
+          for (int64_t m = 0; m < M; ++m) {
+            y[m * N + n] = dot(x + m * K, w + n * K, K) * (scales ? scales[n] : 1.0f) + (bias ? bias[n] : 0.0f);
+          }
+          continue;
+        }
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) pair_of_columns<W, 4>(x, w, scales, bias, y, m, n, N, K);
+        for (; m + 2 <= M; m += 2) pair_of_columns<W, 2>(x, w, scales, bias, y, m, n, N, K);
+        if (m < M) pair_of_columns<W, 1>(x, w, scales, bias, y, m, n, N, K);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, N, 64, [&](int64_t first, int64_t last) {  // each thread: one contiguous range of rows
     for (int64_t n = first; n < last; ++n) {
       const float scale = scales ? scales[n] : 1.0f;
