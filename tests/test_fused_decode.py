@@ -245,9 +245,10 @@ def test_the_operator_checks_its_other_inputs(kernel):
     op = torch.ops.lmforge.decode_block
 
     def call(**changes):
-        args = dict(params=list(params), values=cache.values, cos=table, sin=table, dims=dims)
+        args = dict(params=list(params), values=cache.values, cos=table, sin=table, dims=dims, length=0, mask=None)
         args.update(changes)
-        op(x, args["params"], cache.keys, args["values"], 0, None, args["cos"], args["sin"], args["dims"], numbers)
+        op(x, args["params"], cache.keys, args["values"], args["length"], args["mask"], args["cos"], args["sin"],
+           args["dims"], numbers)
 
     call()  # as given: fine
     with pytest.raises(RuntimeError, match="same shape"):
@@ -256,6 +257,12 @@ def test_the_operator_checks_its_other_inputs(kernel):
         call(sin=None)
     with pytest.raises(RuntimeError, match=r"rotary tables must be contiguous float32 \(B, head_dim\)"):
         call(cos=torch.ones(1, 4), sin=torch.ones(1, 4))
+    with pytest.raises(RuntimeError, match="cache shape does not match"):
+        call(length=-1)
+    cache.keys.zero_()
+    with pytest.raises(RuntimeError, match=r"key_mask must be \(B, length \+ 1\)"):
+        call(mask=torch.ones(1, 3, dtype=torch.bool))
+    assert not cache.keys.any()  # refused before anything was written
     with pytest.raises(RuntimeError, match="unknown activation code"):
         call(dims=[*dims[:4], 9])
     short_norm = list(params)

@@ -172,7 +172,8 @@ at::Tensor decode_block(const at::Tensor& input, const Params& params, const at:
               "decode_block: the cache must be contiguous float32");
   const int64_t H = dims[0], G = dims[1], d = dims[2], B = input.size(0), C = input.size(1);
   const int64_t capacity = keys.size(2), T = length + 1;
-  TORCH_CHECK(keys.size(0) == B && keys.size(1) == G && keys.size(3) == d && T <= capacity && H % G == 0,
+  TORCH_CHECK(keys.dim() == 4 && keys.size(0) == B && keys.size(1) == G && keys.size(3) == d && length >= 0 &&
+                  T <= capacity && H % G == 0,
               "decode_block: cache shape does not match");
   TORCH_CHECK(values.sizes() == keys.sizes() && values.scalar_type() == at::kFloat,
               "decode_block: keys and values must have the same shape");
@@ -214,6 +215,9 @@ at::Tensor decode_block(const at::Tensor& input, const Params& params, const at:
                   vector_fits(kProjB, C, false) && vector_fits(kUpS, up_width, false) &&
                   vector_fits(kUpB, up_width, false) && vector_fits(kDownS, C, false) && vector_fits(kDownB, C, false),
               "decode_block: norm weights, biases and scales must be contiguous float32 vectors of the block's widths");
+  const at::Tensor mask = key_mask ? key_mask->to(at::kBool).contiguous() : at::Tensor();
+  TORCH_CHECK(!key_mask || (mask.dim() == 2 && mask.size(0) == B && mask.size(1) == T),
+              "decode_block: key_mask must be (B, length + 1)");
   std::vector<float> h(B * C), qkv(B * qkv_width), q(B * H * d), y(B * H * d), u(B * up_width);
 
   normalize(x.data_ptr<float>(), h.data(), optional_data(params, kNorm1W), optional_data(params, kNorm1B), B, C, norm, eps);
@@ -233,9 +237,6 @@ at::Tensor decode_block(const at::Tensor& input, const Params& params, const at:
       std::copy(row + (H + G + g) * d, row + (H + G + g + 1) * d, value_data + at);
     }
   }
-  const at::Tensor mask = key_mask ? key_mask->to(at::kBool).contiguous() : at::Tensor();
-  TORCH_CHECK(!key_mask || (mask.dim() == 2 && mask.size(0) == B && mask.size(1) == T),
-              "decode_block: key_mask must be (B, length + 1)");
   attend(q.data(), key_data, value_data, key_mask ? mask.data_ptr<bool>() : nullptr, y.data(), B, H, G, capacity, T, d,
          scale);
 
