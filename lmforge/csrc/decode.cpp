@@ -25,6 +25,7 @@
 
 namespace {
 
+using lmforge_kernels::dot;
 using lmforge_kernels::matmul_rows;
 using Params = c10::List<std::optional<at::Tensor>>;
 
@@ -73,15 +74,6 @@ void rotate(float* x, const float* cos, const float* sin, int64_t d) {
     x[i] = a * cos[i] + b * sin[i];
     x[i + half] = b * cos[i + half] + a * sin[i + half];
   }
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float sum = lmforge_vec::horizontal_add(acc);
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
 }
 
 // scores[t] = exp(scores[t] - top), exactly 0 where the mask is false; returns their sum.
@@ -148,14 +140,7 @@ void activate(float* u, int64_t M, int64_t width, Activation kind) {
       u[i] = 0.5f * x * (1.0f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
     }
   } else {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const __m256 x = _mm256_loadu_ps(u + i);
-      __m256 cdf, pdf;
-      lmforge_vec::normal_cdf_pdf8(x, &cdf, &pdf);
-      _mm256_storeu_ps(u + i, _mm256_mul_ps(x, cdf));
-    }
-    for (; i < n; ++i) u[i] = 0.5f * u[i] * (1.0f + std::erf(u[i] * 0.7071067811865476f));
+    lmforge_vec::gelu_range(u, u, nullptr, n);
   }
 }
 

@@ -16,23 +16,6 @@ namespace {
 
 using namespace lmforge_vec;
 
-void gelu_range(const float* x, float* y, float* slope, int64_t n) {
-  auto one = [&](int64_t i, __m256i mask, bool full) {
-    const __m256 v = full ? _mm256_loadu_ps(x + i) : _mm256_maskload_ps(x + i, mask);
-    __m256 cdf, pdf;
-    normal_cdf_pdf8(v, &cdf, &pdf);
-    const __m256 out = _mm256_mul_ps(v, cdf);
-    full ? _mm256_storeu_ps(y + i, out) : _mm256_maskstore_ps(y + i, mask, out);
-    if (slope != nullptr) {
-      const __m256 d = _mm256_fmadd_ps(v, pdf, cdf);
-      full ? _mm256_storeu_ps(slope + i, d) : _mm256_maskstore_ps(slope + i, mask, d);
-    }
-  };
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) one(i, __m256i{}, true);
-  if (i < n) one(i, tail_mask(n - i), false);
-}
-
 // GELU(x), and GELU'(x) too when `with_slope`.
 std::tuple<at::Tensor, at::Tensor> gelu_forward(const at::Tensor& input, bool with_slope) {
   TORCH_CHECK(input.scalar_type() == at::kFloat && input.device().is_cpu(), "gelu: x must be a float32 CPU tensor");

@@ -51,6 +51,11 @@ inline float dot(const float* x, const W* w, int64_t K) {
   return sum;
 }
 
+// The product of output column n, with its scale and bias.
+inline float finish(float sum, const float* scales, const float* bias, int64_t n) {
+  return sum * (scales ? scales[n] : 1.0f) + (bias ? bias[n] : 0.0f);
+}
+
 // R rows of x (R <= 4) times weight rows n and n + 1, into out[r][0..1]: each weight vector is
 // loaded (and converted) once for R rows, and each x vector once for two weight rows, so the
 // loop does 2R multiply-adds per 2 + R loads instead of one per two. For 8 rows this is 1.25×
@@ -88,7 +93,7 @@ inline void pair_of_columns(const float* x, const W* w, const float* scales, con
   tile<W, R>(x + m0 * K, w + n * K, K, out);
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < 2; ++c) {
-      y[(m0 + r) * N + n + c] = out[r][c] * (scales ? scales[n + c] : 1.0f) + (bias ? bias[n + c] : 0.0f);
+      y[(m0 + r) * N + n + c] = finish(out[r][c], scales, bias, n + c);
     }
   }
 }
@@ -105,9 +110,7 @@ void matmul_rows(const float* x, const W* w, const float* scales, const float* b
       for (int64_t pair = first; pair < last; ++pair) {
         const int64_t n = 2 * pair;
         if (n + 1 == N) {  // an odd last row
-          for (int64_t m = 0; m < M; ++m) {
-            y[m * N + n] = dot(x + m * K, w + n * K, K) * (scales ? scales[n] : 1.0f) + (bias ? bias[n] : 0.0f);
-          }
+          for (int64_t m = 0; m < M; ++m) y[m * N + n] = finish(dot(x + m * K, w + n * K, K), scales, bias, n);
           continue;
         }
         int64_t m = 0;
@@ -120,10 +123,8 @@ void matmul_rows(const float* x, const W* w, const float* scales, const float* b
   }
   at::parallel_for(0, N, 64, [&](int64_t first, int64_t last) {  // each thread: one contiguous range of rows
     for (int64_t n = first; n < last; ++n) {
-      const float scale = scales ? scales[n] : 1.0f;
-      const float shift = bias ? bias[n] : 0.0f;
       for (int64_t m = 0; m < M; ++m) {  // the row stays in L1 for the other rows of x
-        y[m * N + n] = dot(x + m * K, w + n * K, K) * scale + shift;
+        y[m * N + n] = finish(dot(x + m * K, w + n * K, K), scales, bias, n);
       }
     }
   });

@@ -1,4 +1,4 @@
-// AVX2 exp and erf for the training kernels, eight floats at a time.
+// AVX2 exp, erf and exact GELU for the kernels, eight floats at a time.
 //
 // exp: Cephes' method (2^n times a degree-6 polynomial on [-ln2/2, ln2/2]), ~1 ulp.
 // erf: Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7), the formula ATen's own vectorised
@@ -63,6 +63,24 @@ inline float horizontal_add(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+// Exact GELU x·Φ(x) over n floats (y may be x); with `slope`, GELU'(x) = Φ(x) + x·φ(x) too.
+inline void gelu_range(const float* x, float* y, float* slope, int64_t n) {
+  auto one = [&](int64_t i, __m256i mask, bool full) {
+    const __m256 v = full ? _mm256_loadu_ps(x + i) : _mm256_maskload_ps(x + i, mask);
+    __m256 cdf, pdf;
+    normal_cdf_pdf8(v, &cdf, &pdf);
+    const __m256 out = _mm256_mul_ps(v, cdf);
+    full ? _mm256_storeu_ps(y + i, out) : _mm256_maskstore_ps(y + i, mask, out);
+    if (slope != nullptr) {
+      const __m256 d = _mm256_fmadd_ps(v, pdf, cdf);
+      full ? _mm256_storeu_ps(slope + i, d) : _mm256_maskstore_ps(slope + i, mask, d);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) one(i, __m256i{}, true);
+  if (i < n) one(i, tail_mask(n - i), false);
 }
 
 }  // namespace lmforge_vec
