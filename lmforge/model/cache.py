@@ -22,13 +22,18 @@ class LayerCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, hd) after what is cached; return views of everything so far."""
-        end = self.length + k.shape[2]
-        if end > self.keys.shape[2]:
-            raise ValueError(f"KV cache holds {self.keys.shape[2]} positions; {end} requested")
+        end = self.room_for(k.shape[2])
         self.keys[:, :, self.length : end] = k
         self.values[:, :, self.length : end] = v
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def room_for(self, count: int) -> int:
+        """The cached length after `count` more positions; an error if they do not fit."""
+        end = self.length + count
+        if end > self.keys.shape[2]:
+            raise ValueError(f"KV cache holds {self.keys.shape[2]} positions; {end} requested")
+        return end
 
     def reorder(self, index: torch.Tensor) -> None:
         """Pick batch rows (beam search keeps the surviving hypotheses)."""

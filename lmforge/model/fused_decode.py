@@ -98,8 +98,7 @@ def run(block: nn.Module, x: torch.Tensor, ctx: AttentionContext, cache: LayerCa
     if recipe is None:
         return None
     params, dims, numbers = recipe
-    if cache.length + 1 > cache.keys.shape[2]:
-        raise ValueError(f"KV cache holds {cache.keys.shape[2]} positions; {cache.length + 1} requested")
+    end = cache.room_for(1)
     cos = sin = None
     if block.attn.rotary is not None:
         cos, sin = _rotary_rows(block.attn.rotary, ctx, x.shape[0])
@@ -109,7 +108,7 @@ def run(block: nn.Module, x: torch.Tensor, ctx: AttentionContext, cache: LayerCa
     out = torch.ops.lmforge.decode_block.default(
         x.view(x.shape[0], -1), params, cache.keys, cache.values, cache.length, key_mask, cos, sin, dims, numbers
     )
-    cache.length += 1
+    cache.length = end
     return out.view_as(x)
 
 
