@@ -4,6 +4,8 @@ left-padded batches; which blocks it refuses; its plan following a quantised mod
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from helpers import one_thread, token_cache  # noqa: F401  (fixtures are registered by import)
@@ -51,25 +53,37 @@ def build(layout: str, int8: bool = False) -> LanguageModel:
     return quantize_int8(model) if int8 else model
 
 
-@torch.no_grad()
-def stepwise(model: LanguageModel, fused: bool, steps: int = 4) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Logits of a left-padded batch of 2 decoded `steps` tokens after its prompt, and the cache."""
+@contextmanager
+def decoding_path(fused: bool):
+    """Decode on the fused path or on the module path, then back to the default."""
     fused_decode.enabled = fused
     try:
-        ids = torch.tensor([[5, 9, 2, 7, 3], [0, 0, 0, 4, 8]])
-        mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
-        cache = model.new_cache(2, ids.shape[1] + steps)
+        yield
+    finally:
+        fused_decode.enabled = True
+
+
+PADDED_IDS = torch.tensor([[5, 9, 2, 7, 3], [0, 0, 0, 4, 8]])
+PADDED_MASK = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+
+
+@torch.no_grad()
+def stepwise(model: LanguageModel, fused: bool, steps: int = 4, ids: torch.Tensor = PADDED_IDS,
+             mask: torch.Tensor = PADDED_MASK) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits of `steps` tokens decoded after the prompt `ids` (a left-padded batch of 2 unless
+    given; `mask` may have one row for the whole batch), and the cache."""
+    with decoding_path(fused):
+        batch = ids.shape[0]
+        cache = model.new_cache(batch, ids.shape[1] + steps)
         model(ids, attention_mask=mask, cache=cache)
-        full = torch.cat([mask, torch.ones(2, steps, dtype=torch.long)], dim=1)
+        full = torch.cat([mask, torch.ones(mask.shape[0], steps, dtype=torch.long)], dim=1)
         logits = []
         for step in range(steps):
-            tokens = torch.tensor([[11 + step], [20 + step]])
+            tokens = ((11 + step + 9 * torch.arange(batch)) % model.config.vocab_size)[:, None]
             out = model(tokens, attention_mask=full[:, : cache.length + 1], cache=cache, last_only=True)
             logits.append(out.logits[:, -1])
         assert cache.length == ids.shape[1] + steps
         return torch.stack(logits, 1), [t for layer in cache.layers for t in (layer.keys, layer.values)]
-    finally:
-        fused_decode.enabled = True
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
@@ -93,11 +107,8 @@ def test_greedy_tokens_are_the_same_fused_or_not(kernel, fused_calls, layout):
     config = GenerationConfig(max_new_tokens=24, temperature=0)
     fused = [tokens for tokens, _ in decode_steps(model, prompts, config)]
     assert fused_calls and all(fused_calls)
-    fused_decode.enabled = False
-    try:
+    with decoding_path(fused=False):
         plain = [tokens for tokens, _ in decode_steps(model, prompts, config)]
-    finally:
-        fused_decode.enabled = True
     assert fused == plain
 
 
@@ -194,19 +205,11 @@ def test_quantising_after_decoding_keeps_no_fp32_weight_alive(kernel):
 def test_a_mask_with_one_row_for_the_whole_batch(kernel, fused_calls):
     """AttentionContext.mask need only broadcast to the batch."""
     model = build("default")
-    logits = {}
-    for fused in (True, False):
-        fused_decode.enabled = fused
-        try:
-            cache = model.new_cache(2, 4)
-            with torch.no_grad():
-                model(torch.tensor([[0, 1, 2], [0, 3, 4]]), attention_mask=torch.tensor([[0, 1, 1]]), cache=cache)
-                logits[fused] = model(torch.tensor([[5], [6]]), attention_mask=torch.tensor([[0, 1, 1, 1]]),
-                                      cache=cache).logits
-        finally:
-            fused_decode.enabled = True
+    ids, mask = torch.tensor([[0, 1, 2], [0, 3, 4]]), torch.tensor([[0, 1, 1]])
+    fused, _ = stepwise(model, fused=True, steps=1, ids=ids, mask=mask)
     assert fused_calls and all(fused_calls)
-    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+    module, _ = stepwise(model, fused=False, steps=1, ids=ids, mask=mask)
+    torch.testing.assert_close(fused, module, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
@@ -216,24 +219,13 @@ def test_wider_heads_and_a_full_batch(kernel, fused_calls, int8):
     model = LanguageModel(ModelConfig(**{**BASE, "n_embd": 36, "n_head": 3}, position="rope")).eval()
     model = quantize_int8(model) if int8 else model
     prompts = [[i + 1] * (i % 3 + 1) for i in range(kernels.MAX_ROWS)]  # left padding of 0–2
-    config = GenerationConfig(max_new_tokens=6, temperature=0)
-    logits = {}
-    for fused in (True, False):
-        fused_decode.enabled = fused
-        try:
-            cache = model.new_cache(kernels.MAX_ROWS, 10)
-            ids = torch.tensor([[0] * (3 - len(p)) + p for p in prompts])
-            mask = (torch.arange(3) >= 3 - torch.tensor([len(p) for p in prompts])[:, None]).long()
-            full = torch.cat([mask, torch.ones(kernels.MAX_ROWS, 4, dtype=torch.long)], dim=1)
-            with torch.no_grad():
-                model(ids, attention_mask=mask, cache=cache)
-                logits[fused] = torch.cat([
-                    model(torch.full((kernels.MAX_ROWS, 1), 7 + i), attention_mask=full[:, : cache.length + 1],
-                          cache=cache).logits for i in range(4)], dim=1)
-        finally:
-            fused_decode.enabled = True
+    ids = torch.tensor([[0] * (3 - len(p)) + p for p in prompts])
+    mask = (torch.arange(3) >= 3 - torch.tensor([len(p) for p in prompts])[:, None]).long()
+    fused, _ = stepwise(model, fused=True, ids=ids, mask=mask)
     assert fused_calls and all(fused_calls)
-    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+    module, _ = stepwise(model, fused=False, ids=ids, mask=mask)
+    torch.testing.assert_close(fused, module, rtol=1e-5, atol=1e-5)
+    config = GenerationConfig(max_new_tokens=6, temperature=0)
     assert len(list(decode_steps(model, prompts, config))) == 6
 
 
