@@ -18,8 +18,9 @@ streams them with AVX2 (37 tokens/s); it also multiplies int8 weights directly (
 They are compiled once per machine and torch version by torch's extension builder (a C++ compiler
 and an AVX2 CPU are needed; ~40 s; cached under TORCH_EXTENSIONS_DIR or ~/.cache). If it cannot
 be built, everything runs on torch's own operators, with one warning; LMFORGE_KERNELS=0 chooses
-that silently. Under torch.compile the model keeps to torch's operators (the compiler fuses
-those itself and cannot see into these kernels' C++ autograd).
+that silently. Every kernel is a registered operator with its output shapes declared below, so
+torch.compile keeps them in its graphs (the training kernels' forward and backward are operators
+of their own, called by a C++ autograd Function) and fuses the operations around them.
 """
 
 from __future__ import annotations
@@ -83,11 +84,32 @@ def _build() -> bool:
     def _(x, params, keys, values, length, key_mask, cos, sin, dims, numbers):
         return x.new_empty(x.shape)
 
+    @torch.library.register_fake("lmforge::causal_attention")
+    def _(q, k, v, scale):
+        return q.new_empty(q.shape)
+
+    @torch.library.register_fake("lmforge::causal_attention_forward")
+    def _(q, k, v, scale):  # the output, and each query row's log-sum-exp (B, heads, T)
+        return q.new_empty(q.shape), q.new_empty(q.shape[0], q.shape[2], q.shape[1])
+
+    @torch.library.register_fake("lmforge::causal_attention_backward")
+    def _(grad, q, k, v, out, lse, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("lmforge::gelu")
+    def _(x):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("lmforge::gelu_with_slope")
+    def _(x):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
     return True
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it (and the build) eagerly, once
 def available() -> bool:
-    """Whether the kernel is loaded (building it on the first call)."""
+    """Whether the kernels are loaded (building them on the first call)."""
     global _available
     if _available is None:
         _available = _build()
@@ -95,9 +117,8 @@ def available() -> bool:
 
 
 def usable_for(x: torch.Tensor) -> bool:
-    """Whether the training kernels (attention, GELU) may take x: float32 on the CPU, outside
-    torch.compile's tracing, kernels built."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling() and available()
+    """Whether the training kernels (attention, GELU) may take x: float32 on the CPU, kernels built."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and available()
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:

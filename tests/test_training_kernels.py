@@ -1,6 +1,6 @@
 """lmforge's training kernels (csrc/attention.cpp, csrc/gelu.cpp): values and gradients against
-float64 references, odd shapes and strides, when the model uses them and when it must not, and
-a whole model trained with them against the same model without."""
+float64 references, odd shapes and strides, when the model uses them and when it must not, a
+whole model trained with them against the same model without, and the same under torch.compile."""
 
 from __future__ import annotations
 
@@ -80,6 +80,59 @@ def test_gelu_matches_float64_reference(kernel):
 def test_gelu_module_falls_back_to_torch_off_float32(kernel):
     x = torch.randn(5, 9, dtype=torch.float64)
     torch.testing.assert_close(GELU()(x), F.gelu(x), rtol=0, atol=0)
+
+
+def test_operators_agree_with_their_registrations(kernel):
+    """torch.library.opcheck: schema, shape-only (fake) versions, autograd registration and
+    AOTAutograd tracing agree with what the kernels compute. torch.compile relies on all four to
+    keep the kernels in its graphs."""
+    B, T, H, KH, D = 2, 37, 4, 2, 16
+    fused = torch.randn(B, T, (H + 2 * KH) * D, requires_grad=True)
+    q, k, v = fused.split([H * D, KH * D, KH * D], dim=-1)
+    q, k, v = q.view(B, T, H, D), k.view(B, T, KH, D), v.view(B, T, KH, D)
+    plain = [t.detach() for t in (q, k, v)]
+    out, lse = torch.ops.lmforge.causal_attention_forward(*plain, 0.25)
+    ops = torch.ops.lmforge
+    cases = [(ops.causal_attention.default, (q, k, v, 0.25)),
+             (ops.causal_attention_forward.default, (*plain, 0.25)),
+             (ops.causal_attention_backward.default, (torch.randn_like(out), *plain, out, lse, 0.25)),
+             (ops.gelu.default, (torch.randn(5, 7, requires_grad=True),)),
+             (ops.gelu_with_slope.default, (torch.randn(5, 7),)),
+             (ops.small_matmul.default, (torch.randn(3, 24), torch.randn(10, 24), None, torch.randn(10))),
+             (ops.small_matmul.default, (torch.randn(2, 24), torch.randint(-127, 128, (10, 24), dtype=torch.int8),
+                                         torch.rand(10), None))]
+    for op, args in cases:
+        results = torch.library.opcheck(op, args)
+        assert set(results.values()) == {"SUCCESS"}, (op, results)
+
+
+def test_compiled_model_keeps_the_kernels(kernel):
+    """Under torch.compile the model's graph holds the kernels' own operators (not torch's
+    attention and GELU), in one graph, and its loss and gradients are the eager model's."""
+    from torch.profiler import profile
+
+    ids = torch.randint(0, 40, (3, 29), generator=torch.Generator().manual_seed(2))
+
+    def loss_and_grads(model):
+        with profile() as prof:
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+        ran = {event.key for event in prof.key_averages()}
+        return loss.detach(), {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()}, ran
+
+    eager = small_model(position="learned", activation="gelu").train()
+    compiled = small_model(position="learned", activation="gelu").train()
+    want_loss, want_grads, _ = loss_and_grads(eager)
+    torch._dynamo.reset()
+    # aot_eager: AOTAutograd traces forward and backward as inductor would, without generating code
+    loss, grads, ran = loss_and_grads(torch.compile(compiled, backend="aot_eager", fullgraph=True))
+    torch._dynamo.reset()
+    assert {"lmforge::causal_attention_forward", "lmforge::causal_attention_backward",
+            "lmforge::gelu_with_slope"} <= ran
+    assert not any("scaled_dot_product" in name or name == "aten::gelu" for name in ran)
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def small_model(**options) -> LanguageModel:

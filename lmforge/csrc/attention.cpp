@@ -16,6 +16,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -193,12 +194,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   return {dq, dk, dv};
 }
 
+// The autograd Function calls the forward and backward kernels through the dispatcher (as
+// operators of their own, with shapes registered in kernels.py), so that torch.compile's
+// tracing records them instead of running C++ on tensors that hold no data.
+std::tuple<at::Tensor, at::Tensor> call_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                double scale) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lmforge::causal_attention_forward", "")
+                             .typed<decltype(attention_forward)>();
+  return op.call(q, k, v, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(const at::Tensor& grad, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& out, const at::Tensor& lse,
+                                                             double scale) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lmforge::causal_attention_backward", "")
+                             .typed<decltype(attention_backward)>();
+  return op.call(grad, q, k, v, out, lse, scale);
+}
+
 class CausalAttention : public torch::autograd::Function<CausalAttention> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, double scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = attention_forward(q, k, v, scale);
+    auto [out, lse] = call_forward(q, k, v, scale);
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["scale"] = scale;
     return out;
@@ -206,9 +228,10 @@ class CausalAttention : public torch::autograd::Function<CausalAttention> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    at::AutoDispatchBelowADInplaceOrView guard;
     const auto saved = ctx->get_saved_variables();
-    auto [dq, dk, dv] = attention_backward(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
-                                           ctx->saved_data["scale"].toDouble());
+    auto [dq, dk, dv] = call_backward(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                                      ctx->saved_data["scale"].toDouble());
     return {dq, dk, dv, at::Tensor()};
   }
 };
@@ -223,8 +246,17 @@ at::Tensor causal_attention_autograd(const at::Tensor& q, const at::Tensor& k, c
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(lmforge, m) { m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(lmforge, m) {
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("causal_attention_forward(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
+}
 
-TORCH_LIBRARY_IMPL(lmforge, CPU, m) { m.impl("causal_attention", &causal_attention_cpu); }
+TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
+  m.impl("causal_attention", &causal_attention_cpu);
+  m.impl("causal_attention_forward", &attention_forward);
+  m.impl("causal_attention_backward", &attention_backward);
+}
 
 TORCH_LIBRARY_IMPL(lmforge, Autograd, m) { m.impl("causal_attention", &causal_attention_autograd); }

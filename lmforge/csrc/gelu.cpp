@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -29,11 +30,20 @@ std::tuple<at::Tensor, at::Tensor> gelu_forward(const at::Tensor& input, bool wi
   return {y, slope};
 }
 
+at::Tensor gelu_cpu(const at::Tensor& x) { return std::get<0>(gelu_forward(x, false)); }
+
+std::tuple<at::Tensor, at::Tensor> gelu_with_slope_cpu(const at::Tensor& x) { return gelu_forward(x, true); }
+
+// Both paths below autograd go through the dispatcher, so that torch.compile's tracing records
+// the operators (their shapes are registered in kernels.py) instead of running them.
 class Gelu : public torch::autograd::Function<Gelu> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lmforge::gelu_with_slope", "")
+                               .typed<decltype(gelu_with_slope_cpu)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, slope] = gelu_forward(x, true);
+    auto [y, slope] = op.call(x);
     ctx->save_for_backward({slope});
     return y;
   }
@@ -44,18 +54,24 @@ class Gelu : public torch::autograd::Function<Gelu> {
   }
 };
 
-at::Tensor gelu_cpu(const at::Tensor& x) { return std::get<0>(gelu_forward(x, false)); }
-
 at::Tensor gelu_autograd(const at::Tensor& x) {
   if (at::GradMode::is_enabled() && x.requires_grad()) return Gelu::apply(x);
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lmforge::gelu", "").typed<decltype(gelu_cpu)>();
   at::AutoDispatchBelowADInplaceOrView guard;
-  return gelu_cpu(x);
+  return op.call(x);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(lmforge, m) { m.def("gelu(Tensor x) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(lmforge, m) {
+  m.def("gelu(Tensor x) -> Tensor");
+  m.def("gelu_with_slope(Tensor x) -> (Tensor, Tensor)");
+}
 
-TORCH_LIBRARY_IMPL(lmforge, CPU, m) { m.impl("gelu", &gelu_cpu); }
+TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
+  m.impl("gelu", &gelu_cpu);
+  m.impl("gelu_with_slope", &gelu_with_slope_cpu);
+}
 
 TORCH_LIBRARY_IMPL(lmforge, Autograd, m) { m.impl("gelu", &gelu_autograd); }
