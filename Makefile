@@ -29,7 +29,7 @@ lint: $(VENV)/.dev
 
 bench: $(VENV)/.dev  # about 35 minutes on 2 cores; rewrites the README's tables and benchmarks/results/
 	$(PY) benchmarks/train_bench.py --compile --readme
-	$(PY) benchmarks/train_bench.py --config mid --memory-steps 10 --readme
+	$(PY) benchmarks/train_bench.py --config mid --compile --memory-steps 10 --readme
 	$(PY) benchmarks/train_bench.py --time-to-quality --readme
 	$(PY) benchmarks/generate_bench.py --repeats 5 --readme
 
