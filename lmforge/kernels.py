@@ -107,9 +107,14 @@ def _build() -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result  # torch.compile runs it (and the build) eagerly, once
 def available() -> bool:
-    """Whether the kernels are loaded (building them on the first call)."""
+    """Whether the kernels are loaded (building them on the first call). Under torch.compile
+    this is a guarded read of `_available`: switching the kernels off recompiles."""
+    return _load() if _available is None else _available
+
+
+@torch.compiler.assume_constant_result  # tracing runs the build eagerly instead of tracing into it
+def _load() -> bool:
     global _available
     if _available is None:
         _available = _build()

@@ -135,6 +135,43 @@ def test_compiled_model_keeps_the_kernels(kernel):
         torch.testing.assert_close(grad, want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_switching_the_kernels_off_reaches_compiled_code(kernel, monkeypatch):
+    """available() is a guarded read under torch.compile, not a constant baked into the graph:
+    the tests' way of comparing paths (kernels._available = False) must recompile."""
+    from torch.profiler import profile
+
+    model = small_model(position="learned", activation="gelu").train()
+    compiled = torch.compile(model, backend="aot_eager")
+    ids = torch.randint(0, 40, (2, 20))
+
+    def kernels_run() -> set[str]:
+        with profile() as prof:
+            compiled(ids, labels=ids).loss.backward()
+        return {event.key for event in prof.key_averages() if event.key.startswith("lmforge::")}
+
+    torch._dynamo.reset()
+    try:
+        assert "lmforge::causal_attention_backward" in kernels_run()
+        monkeypatch.setattr(kernels, "_available", False)
+        assert kernels_run() == set()
+    finally:
+        torch._dynamo.reset()
+
+
+def test_second_derivatives_are_refused_not_wrong(kernel):
+    """The kernels' backward passes are not differentiable themselves; create_graph=True must
+    raise instead of returning a second derivative with terms missing."""
+    q = torch.randn(1, 6, 2, 8, requires_grad=True)
+    out = torch.ops.lmforge.causal_attention(q, q, q, 0.3)
+    with pytest.raises(RuntimeError, match="attention kernel has no second derivative"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    x = torch.randn(4, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="GELU kernel has no second derivative"):
+        torch.autograd.grad(torch.ops.lmforge.gelu(x).sum(), x, create_graph=True)
+    (grad,) = torch.autograd.grad(torch.ops.lmforge.gelu(x).sum(), x)  # first derivatives as before
+    torch.testing.assert_close(grad, torch.autograd.grad(F.gelu(x).sum(), x)[0], rtol=0, atol=2e-6)
+
+
 def small_model(**options) -> LanguageModel:
     torch.manual_seed(0)
     config = dict(vocab_size=40, block_size=32, n_layer=2, n_head=4, n_embd=32, init_std=0.1, **options)

@@ -228,6 +228,9 @@ class CausalAttention : public torch::autograd::Function<CausalAttention> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "causal_attention: lmforge's attention kernel has no second derivative (backward with "
+                "create_graph=True); set LMFORGE_KERNELS=0 to use torch's attention");
     at::AutoDispatchBelowADInplaceOrView guard;
     const auto saved = ctx->get_saved_variables();
     auto [dq, dk, dv] = call_backward(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],

@@ -50,6 +50,9 @@ class Gelu : public torch::autograd::Function<Gelu> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "gelu: lmforge's GELU kernel has no second derivative (backward with create_graph=True); "
+                "set LMFORGE_KERNELS=0 to use torch's GELU");
     return {grads[0] * ctx->get_saved_variables()[0]};
   }
 };
