@@ -700,6 +700,34 @@ def test_activation_checkpointing_recomputes_blocks_with_identical_gradients(arc
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_checkpointed_rotary_blocks_compile_into_one_graph():
+    """Activation checkpointing under torch.compile: one graph (fullgraph=True raises at a graph
+    break; rotary tables looked up inside a checkpointed block used to cause one per block) and
+    the eager gradients."""
+    from lmforge.config import ModelConfig
+    from lmforge.model import LanguageModel
+
+    ids = torch.randint(0, 40, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def grads(compiled: bool) -> dict:
+        torch.manual_seed(0)
+        model = LanguageModel(ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
+                                          n_embd=32, position="rope")).train()
+        model.decoder.checkpoint_blocks = True
+        run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        run(ids, labels=ids).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    want = grads(compiled=False)
+    torch._dynamo.reset()
+    try:
+        got = grads(compiled=True)
+    finally:
+        torch._dynamo.reset()
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 # --------------------------------------------------------------------------- other objectives
 
 

@@ -68,6 +68,7 @@ class Stack(nn.Module):
         self.window = config.block_size if config.position in ("learned", "sinusoidal", "rope") else None
         rotary = Rotary(config.head_dim, config.block_size, config.rope_theta) if config.position == "rope" else None
         self.blocks = nn.ModuleList(Block(config, i, causal, cross, rotary) for i in range(n_layers))
+        self.rotary = rotary  # shared with every block (its tables are buffers outside the state dict)
         if config.dense_connections:  # layer i reads a projection of the embeddings and all i outputs
             self.dense = nn.ModuleList(
                 Linear((i + 1) * config.n_embd, config.n_embd, bias=config.bias) for i in range(1, n_layers)
@@ -88,11 +89,17 @@ class Stack(nn.Module):
 
     def forward(self, x, ctx, cache: KVCache | None = None, memory=None, memory_ctx=None) -> torch.Tensor:
         outputs = [x]
+        checkpointing = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
+        if checkpointing and self.rotary is not None and ctx.rotary_tables is None:
+            # looked up here, not by the first block inside checkpoint(): torch.compile cannot
+            # trace a checkpointed block that changes ctx, and broke the graph around each one
+            attn = self.blocks[0].attn
+            ctx.rotary_tables = self.rotary.tables(ctx.position_ids, x.dtype, attn.n_head + attn.n_kv_head)
         for i, block in enumerate(self.blocks):
             if self.dense is not None and i > 0:
                 x = self.dense[i - 1](torch.cat(outputs, dim=-1))
             layer_cache = cache.layers[i] if cache is not None else None
-            if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+            if checkpointing:
                 x = checkpoint(block, x, ctx, layer_cache, memory, memory_ctx, use_reentrant=False)
             else:
                 x = block(x, ctx, layer_cache, memory, memory_ctx)
