@@ -31,7 +31,7 @@ def evaluate_store(model, store, objective, batch_size: int, max_batches: int | 
         n_targets = int((batch["labels"] != -100).sum())
         if n_targets == 0:
             continue
-        total_loss += float(model(**batch).loss) * n_targets
+        total_loss += float(model(**batch, return_logits=False).loss) * n_targets
         total_targets += n_targets
     model.train(was_training)
     if total_targets == 0:

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmforge.model.layers import ACTIVATIONS, make_norm
 from lmforge.model.linear import Linear
+
+# Logits (rows × vocabulary) that vocabulary_loss computes at a time: 64 MB of float32. GPT-2's
+# vocabulary at batch 8 × 1024 would otherwise hold 1.6 GB of logits, and as much again for
+# their float32 copy, their log-softmax and its gradient. Below this size chunks gain nothing.
+LOSS_CHUNK = 2**24
 
 
 class LMHead(nn.Module):
@@ -19,6 +25,9 @@ class LMHead(nn.Module):
 
     def tie(self, embedding: nn.Embedding) -> None:
         self.proj.weight = embedding.weight
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(hidden)
@@ -38,8 +47,11 @@ class MLMHead(nn.Module):
     def tie(self, embedding: nn.Embedding) -> None:
         self.proj.weight = embedding.weight
 
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(hidden)))
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(self.act(self.dense(hidden))))
+        return self.proj(self.features(hidden))
 
 
 class ClassifierHead(nn.Module):
@@ -54,3 +66,66 @@ class ClassifierHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.out(self.dropout(torch.tanh(self.pool(hidden[:, 0]))))
+
+
+def vocabulary_loss(head: LMHead | MLMHead, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of head(hidden) against labels (-100: no target), the same number
+    F.cross_entropy gives, without holding every logit when they would pass LOSS_CHUNK: only
+    rows with a target go through the head, LOSS_CHUNK of logits at a time, and their
+    gradients are taken on the way (so backward only scales them). Small vocabularies, autocast,
+    torch.compile (which plans memory itself) and other projections keep the plain path."""
+    proj, flat = head.proj, labels.flatten()
+    plain = (flat.numel() * proj.out_features <= LOSS_CHUNK or type(proj) is not Linear
+             or hidden.dtype != torch.float32 or torch.is_autocast_enabled(hidden.device.type)
+             or torch.compiler.is_compiling())
+    if plain:
+        return F.cross_entropy(head(hidden).flatten(0, -2).float(), flat, ignore_index=-100)
+    keep = flat != -100
+    features, targets = head.features(hidden.flatten(0, -2)[keep]), flat[keep]
+    rows = max(1, LOSS_CHUNK // proj.out_features)
+    if torch.is_grad_enabled():
+        return _ChunkedCrossEntropy.apply(features, proj.weight, proj.bias, targets, rows)
+    total = features.new_zeros(())
+    for f, t in zip(features.split(rows), targets.split(rows), strict=True):
+        total += _chunk_losses(F.linear(f, proj.weight, proj.bias), t).sum()
+    return total / targets.numel()  # no target at all: nan, as F.cross_entropy gives
+
+
+def _chunk_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """features (N, C) @ weight.T + bias → mean cross-entropy over N rows, `rows` rows at a time.
+    Each chunk's softmax − one-hot becomes the gradients of features, weight and bias at once."""
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, targets, rows):
+        n = targets.numel()
+        want_features, want_weight, want_bias = ctx.needs_input_grad[:3]
+        grad_features = torch.empty_like(features) if want_features else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        grad_bias = torch.zeros_like(bias) if want_bias else None
+        total = features.new_zeros(())
+        for start in range(0, n, rows):
+            f, t = features[start : start + rows], targets[start : start + rows]
+            logits = F.linear(f, weight, bias)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            dlogits[torch.arange(t.numel()), t] -= 1.0
+            dlogits /= n
+            if want_features:
+                torch.mm(dlogits, weight, out=grad_features[start : start + rows])
+            if want_weight:
+                grad_weight.addmm_(dlogits.t(), f)
+            if want_bias:
+                grad_bias += dlogits.sum(0)
+        ctx.save_for_backward(grad_features, grad_weight, grad_bias)
+        return total / n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grads = [None if g is None else g * grad_loss for g in ctx.saved_tensors]
+        return *grads, None, None

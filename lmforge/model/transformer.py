@@ -19,7 +19,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.model.attention import AttentionContext, build_mask
 from lmforge.model.cache import KVCache
-from lmforge.model.heads import LMHead, MLMHead
+from lmforge.model.heads import LMHead, MLMHead, vocabulary_loss
 from lmforge.model.layers import Block, make_norm
 from lmforge.model.linear import Linear
 from lmforge.model.position import Rotary, SinusoidalPositions
@@ -118,7 +118,7 @@ def default_position_ids(attention_mask, past: int, q_len: int, device) -> torch
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when asked for the loss alone
     loss: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     encoder_output: torch.Tensor | None = None
@@ -213,11 +213,14 @@ class LanguageModel(nn.Module):
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_output: torch.Tensor | None = None,
         last_only: bool = False,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """input_ids feed the decoder (decoder arch) or the encoder (the other two).
 
         For encoder-decoder, pass decoder_input_ids; encoder_output skips re-encoding
         (generation encodes once). last_only computes logits of the final position only.
+        return_logits=False (with labels) returns the loss alone, computed without holding
+        every logit at once (heads.vocabulary_loss): what training and evaluation ask for.
         """
         arch = self.config.arch
         if arch == "decoder":
@@ -230,6 +233,8 @@ class LanguageModel(nn.Module):
             hidden = self.decode(
                 decoder_input_ids, decoder_attention_mask, None, cache, encoder_output, attention_mask
             )
+        if labels is not None and not return_logits:
+            return ModelOutput(None, vocabulary_loss(self.head, hidden, labels), hidden, encoder_output)
         logits = self.head(hidden[:, -1:] if last_only else hidden)
         loss = None
         if labels is not None:

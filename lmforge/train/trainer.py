@@ -154,6 +154,7 @@ class Trainer:
                 "grad_norm": grad_norm, "skipped": not finite}
 
     def _run(self, batch: dict):
+        batch = {**batch, "return_logits": False}  # the loss alone: no vocabulary-sized logits kept
         try:
             return self.forward(**batch)
         except Exception as exc:  # a compiler failure shows up at the first call
