@@ -108,3 +108,13 @@ def test_no_target_at_all_gives_nan_as_cross_entropy_does(small_chunks):
     assert math.isnan(model(ids, **inputs, return_logits=False).loss.item())
     with torch.no_grad():
         assert math.isnan(model(ids, **inputs, return_logits=False).loss.item())
+
+
+def test_second_derivatives_are_refused_not_wrong(small_chunks):
+    """A gradient penalty (create_graph=True) through the chunked loss would see its stored
+    gradients as constants: it must raise, not return second derivatives with terms missing."""
+    model, ids, inputs = model_and_batch("decoder")
+    loss = model(ids, **inputs, return_logits=False).loss
+    norm = model.decoder.final_norm.weight
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss, norm, create_graph=True)

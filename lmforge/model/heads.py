@@ -113,7 +113,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            dlogits[torch.arange(t.numel()), t] -= 1.0
+            dlogits[torch.arange(t.numel(), device=t.device), t] -= 1.0
             dlogits /= n
             if want_features:
                 torch.mm(dlogits, weight, out=grad_features[start : start + rows])
@@ -125,7 +125,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return total / n
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():  # create_graph=True: the stored gradients are constants
+            raise RuntimeError("the chunked vocabulary loss has no second derivative; "
+                               "call the model with return_logits=True for double backward")
         grads = [None if g is None else g * grad_loss for g in ctx.saved_tensors]
         return *grads, None, None
