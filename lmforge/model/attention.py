@@ -99,6 +99,13 @@ class Attention(nn.Module):
         """(B, T, n·hd) → (B, T, n, hd), a view."""
         return x.view(x.shape[0], x.shape[1], n, self.head_dim)
 
+    def rotary_tables(self, ctx: AttentionContext, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This forward pass's RoPE tables: looked up by the first layer that needs them, then
+        shared through ctx by every other."""
+        if ctx.rotary_tables is None:
+            ctx.rotary_tables = self.rotary.tables(ctx.position_ids, dtype, self.n_head + self.n_kv_head)
+        return ctx.rotary_tables
+
     def _fused_fits(self, q: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, cache: LayerCache | None) -> bool:
         """Whether lmforge's causal attention kernel applies: plain causal self-attention over
         the whole sequence, no score bias, no dropout, float32 on the CPU (so not under bf16
@@ -132,9 +139,8 @@ class Attention(nn.Module):
                 q, k = self._heads(q, self.n_head), self._heads(k, self.n_kv_head)
             else:  # queries and keys rotate together: one pass over both
                 qk, v = self.qkv(x).split([q_width + kv_width, kv_width], dim=-1)
-                if ctx.rotary_tables is None:
-                    ctx.rotary_tables = self.rotary.tables(ctx.position_ids, x.dtype, self.n_head + self.n_kv_head)
-                qk = self.rotary.rotate(self._heads(qk, self.n_head + self.n_kv_head), *ctx.rotary_tables)
+                cos, sin = self.rotary_tables(ctx, x.dtype)
+                qk = self.rotary.rotate(self._heads(qk, self.n_head + self.n_kv_head), cos, sin)
                 q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
             v = self._heads(v, self.n_kv_head)
             if self._fused_fits(q, v, ctx, cache):  # (B, T, heads, hd) in, (B, T, heads, hd) out: no transposes

@@ -79,7 +79,7 @@ def vocabulary_loss(head: LMHead | MLMHead, hidden: torch.Tensor, labels: torch.
              or hidden.dtype != torch.float32 or torch.is_autocast_enabled(hidden.device.type)
              or torch.compiler.is_compiling())
     if plain:
-        return F.cross_entropy(head(hidden).flatten(0, -2).float(), flat, ignore_index=-100)
+        return token_loss(head(hidden), labels)
     keep = flat != -100
     features, targets = head.features(hidden.flatten(0, -2)[keep]), flat[keep]
     rows = max(1, LOSS_CHUNK // proj.out_features)
@@ -87,12 +87,19 @@ def vocabulary_loss(head: LMHead | MLMHead, hidden: torch.Tensor, labels: torch.
         return _ChunkedCrossEntropy.apply(features, proj.weight, proj.bias, targets, rows)
     total = features.new_zeros(())
     for f, t in zip(features.split(rows), targets.split(rows), strict=True):
-        total += _chunk_losses(F.linear(f, proj.weight, proj.bias), t).sum()
+        total += _summed_loss(F.linear(f, proj.weight, proj.bias), t)[0]
     return total / targets.numel()  # no target at all: nan, as F.cross_entropy gives
 
 
-def _chunk_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every position whose label is not -100, in float32."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
+
+
+def _summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the sum of the rows' cross-entropies, each row's log-sum-exp) for one chunk of logits."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum(), lse
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -110,8 +117,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, n, rows):
             f, t = features[start : start + rows], targets[start : start + rows]
             logits = F.linear(f, weight, bias)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            loss, lse = _summed_loss(logits, t)
+            total += loss
             dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             dlogits[torch.arange(t.numel(), device=t.device), t] -= 1.0
             dlogits /= n

@@ -12,14 +12,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.model.attention import AttentionContext, build_mask
 from lmforge.model.cache import KVCache
-from lmforge.model.heads import LMHead, MLMHead, vocabulary_loss
+from lmforge.model.heads import LMHead, MLMHead, token_loss, vocabulary_loss
 from lmforge.model.layers import Block, make_norm
 from lmforge.model.linear import Linear
 from lmforge.model.position import Rotary, SinusoidalPositions
@@ -68,7 +67,6 @@ class Stack(nn.Module):
         self.window = config.block_size if config.position in ("learned", "sinusoidal", "rope") else None
         rotary = Rotary(config.head_dim, config.block_size, config.rope_theta) if config.position == "rope" else None
         self.blocks = nn.ModuleList(Block(config, i, causal, cross, rotary) for i in range(n_layers))
-        self.rotary = rotary  # shared with every block (its tables are buffers outside the state dict)
         if config.dense_connections:  # layer i reads a projection of the embeddings and all i outputs
             self.dense = nn.ModuleList(
                 Linear((i + 1) * config.n_embd, config.n_embd, bias=config.bias) for i in range(1, n_layers)
@@ -90,11 +88,10 @@ class Stack(nn.Module):
     def forward(self, x, ctx, cache: KVCache | None = None, memory=None, memory_ctx=None) -> torch.Tensor:
         outputs = [x]
         checkpointing = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
-        if checkpointing and self.rotary is not None and ctx.rotary_tables is None:
+        if checkpointing and self.blocks[0].attn.rotary is not None:
             # looked up here, not by the first block inside checkpoint(): torch.compile cannot
             # trace a checkpointed block that changes ctx, and broke the graph around each one
-            attn = self.blocks[0].attn
-            ctx.rotary_tables = self.rotary.tables(ctx.position_ids, x.dtype, attn.n_head + attn.n_kv_head)
+            self.blocks[0].attn.rotary_tables(ctx, x.dtype)
         for i, block in enumerate(self.blocks):
             if self.dense is not None and i > 0:
                 x = self.dense[i - 1](torch.cat(outputs, dim=-1))
@@ -238,7 +235,7 @@ class LanguageModel(nn.Module):
         logits = self.head(hidden[:, -1:] if last_only else hidden)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            loss = token_loss(logits, labels)
         return ModelOutput(logits, loss, hidden, encoder_output)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
