@@ -106,19 +106,29 @@ def test_operators_agree_with_their_registrations(kernel):
         assert set(results.values()) == {"SUCCESS"}, (op, results)
 
 
+def operators_run(step) -> set[str]:
+    """Names of the operators that ran during step() (torch.profiler)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        step()
+    return {event.key for event in prof.key_averages()}
+
+
 def test_compiled_model_keeps_the_kernels(kernel):
     """Under torch.compile the model's graph holds the kernels' own operators (not torch's
     attention and GELU), in one graph, and its loss and gradients are the eager model's."""
-    from torch.profiler import profile
-
     ids = torch.randint(0, 40, (3, 29), generator=torch.Generator().manual_seed(2))
 
     def loss_and_grads(model):
-        with profile() as prof:
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-        ran = {event.key for event in prof.key_averages()}
-        return loss.detach(), {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()}, ran
+        losses = []
+
+        def step():
+            losses.append(model(ids, labels=ids).loss)
+            losses[0].backward()
+
+        ran = operators_run(step)
+        return losses[0].detach(), {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()}, ran
 
     eager = small_model(position="learned", activation="gelu").train()
     compiled = small_model(position="learned", activation="gelu").train()
@@ -138,16 +148,13 @@ def test_compiled_model_keeps_the_kernels(kernel):
 def test_switching_the_kernels_off_reaches_compiled_code(kernel, monkeypatch):
     """available() is a guarded read under torch.compile, not a constant baked into the graph:
     the tests' way of comparing paths (kernels._available = False) must recompile."""
-    from torch.profiler import profile
-
     model = small_model(position="learned", activation="gelu").train()
     compiled = torch.compile(model, backend="aot_eager")
     ids = torch.randint(0, 40, (2, 20))
 
     def kernels_run() -> set[str]:
-        with profile() as prof:
-            compiled(ids, labels=ids).loss.backward()
-        return {event.key for event in prof.key_averages() if event.key.startswith("lmforge::")}
+        ran = operators_run(lambda: compiled(ids, labels=ids).loss.backward())
+        return {name for name in ran if name.startswith("lmforge::")}
 
     torch._dynamo.reset()
     try:
