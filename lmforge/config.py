@@ -157,7 +157,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 1337
     compile: bool = False  # costs ~50 s of compiling on a CPU; pays only in long runs
-    bf16: bool | None = None  # None: on where the hardware has bf16 matrix units (AMX, most GPUs); off here
+    bf16: bool | None = None  # None: on where the hardware has bf16 matrix units (hardware.bf16_native)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops

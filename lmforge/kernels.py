@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from lmforge.hardware import cpu_capability
+
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "small_matmul.cpp", CSRC / "attention.cpp", CSRC / "gelu.cpp", CSRC / "decode.cpp"]
 HEADERS = [CSRC / "vec_math.h", CSRC / "small_matmul.h"]
@@ -60,7 +62,7 @@ def _build_directory() -> Path:
 def _build() -> bool:
     if os.environ.get("LMFORGE_KERNELS", "1") == "0":
         return False
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if cpu_capability() not in ("AVX2", "AVX512"):
         return False
     from torch.utils.cpp_extension import load
 

@@ -60,6 +60,7 @@ def tiny_options(tmp_path: Path, out: str = "run", **overrides) -> dict:
         batch_size=4, lr=3e-3, warmup_steps=5, max_steps=40,
         eval_every=1000, eval_batches=4, save_every=1000, log_every=1,
         seed=7, progress=False,
+        bf16=False,  # tests compare runs exactly: fp32 whatever the CPU (bf16 has tests of its own)
     )
     options.update(overrides)
     return options

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 TINY = ["--tokenizer", "char", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
-        "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "3", "--seed", "0", "--no-progress"]
+        "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "3", "--seed", "0", "--no-progress",
+        "--no-bf16"]  # exact comparisons: fp32 on every CPU
 
 
 @pytest.fixture()
@@ -93,7 +94,7 @@ def test_finetune_two_ranks_equal_one_process_with_double_batch(tmp_path, corpus
             "--batch-size", "4", "--out", str(tmp_path / "base"), cache=cache)
     common = ["finetune", "--model", str(tmp_path / "base"), "--data", str(data), "--config", str(config),
               "--seq-len", "16", "--max-steps", "6", "--grad-accum", "2", "--eval-every", "3", "--seed", "0",
-              "--no-progress"]
+              "--no-progress", "--no-bf16"]
     lmforge(*common, "--batch-size", "2", *sharding, "--out", str(tmp_path / "two"), nproc=2, cache=cache)
     lmforge(*common, "--batch-size", "4", "--out", str(tmp_path / "one"), cache=cache)
     assert len(train_losses(tmp_path / "one")) == 6

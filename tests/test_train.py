@@ -653,16 +653,35 @@ def test_bf16_autocast_step(tmp_path):
 
 
 def test_bf16_defaults_to_what_the_hardware_has(tmp_path, monkeypatch):
-    """Left unset, bf16 follows the processor: off without bf16 matrix units (this CPU), on with them."""
-    from lmforge.train import trainer as trainer_module
+    """Left unset, bf16 follows the processor: off without bf16 matrix units, on with them. Both
+    answers are faked, so both branches run on every machine."""
+    from lmforge import hardware
 
+    monkeypatch.delenv(hardware.BF16_OVERRIDE, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    assert not trainer_module.bf16_available(torch.device("cpu"))
-    assert prepare_run(tiny_options(tmp_path / "a", max_steps=2)).trainer.bf16 is False
+    assert not hardware.bf16_native(torch.device("cpu"))
+    assert prepare_run(tiny_options(tmp_path / "a", max_steps=2, bf16=None)).trainer.bf16 is False
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert prepare_run(tiny_options(tmp_path / "b", max_steps=2)).trainer.bf16 is True
+    assert prepare_run(tiny_options(tmp_path / "b", max_steps=2, bf16=None)).trainer.bf16 is True
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert hardware.bf16_native(torch.device("cpu"))
     assert prepare_run(tiny_options(tmp_path / "c", max_steps=2, bf16=False)).trainer.bf16 is False
+
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("on", True), ("0", False), ("false", False)])
+def test_bf16_detection_is_overridden_by_the_environment(monkeypatch, value, expected):
+    """LMFORGE_CPU_BF16 forces the answer whatever the CPU says: how the suite runs the other branch."""
+    from lmforge import hardware
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: not expected)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: not expected)
+    monkeypatch.setenv(hardware.BF16_OVERRIDE, value)
+    assert hardware.bf16_native(torch.device("cpu")) is expected
+    monkeypatch.setenv(hardware.BF16_OVERRIDE, "maybe")
+    with pytest.raises(LmforgeError, match="LMFORGE_CPU_BF16 must be 1, 0 or auto; got 'maybe'"):
+        hardware.bf16_native(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("arch", ["decoder", "encoder-decoder"])

@@ -20,6 +20,7 @@ import torch.nn as nn
 from lmforge.config import TrainConfig
 from lmforge.data.collate import WindowSampler
 from lmforge.errors import LmforgeError
+from lmforge.hardware import bf16_native
 from lmforge.train.checkpoint import (
     atomic_write_text,
     checkpoint_dirs,
@@ -68,15 +69,6 @@ def clip_gradients(parameters, max_norm: float) -> float:
     return total
 
 
-def bf16_available(device: torch.device) -> bool:
-    """bf16 pays only where matrix units do it natively; elsewhere (AVX2 CPUs) it is emulated and
-    hundreds of times slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return any(probe() for probe in probes if probe is not None)
-
-
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warm-up to lr, then cosine decay to the floor at max_steps."""
     if step < config.warmup_steps:
@@ -111,7 +103,7 @@ class Trainer:
         self.bad_steps = 0  # all non-finite steps skipped so far
         self.bad_in_a_row = 0
         self.forward = self._compiled_forward() if config.compile else self.wrapped
-        self.bf16 = bf16_available(self.device) if config.bf16 is None else config.bf16
+        self.bf16 = bf16_native(self.device) if config.bf16 is None else config.bf16
         self.autocast = (
             torch.autocast(device_type=self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         )
