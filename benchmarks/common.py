@@ -39,14 +39,18 @@ def cpu_name() -> str:
 def machine() -> dict:
     import transformers
 
+    from lmforge.hardware import cpu_has_native_bf16
+
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(),
+            "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def machine_line(info: dict) -> str:
     """One sentence for the README: where the table's figures come from."""
-    return (f"{info['cores']} cores of {info['cpu']} ({info['cpu_capability']}), torch {info['torch']} with "
+    bf16 = {True: ", with bf16 units", False: ", no bf16 units: bf16 emulated"}.get(info.get("native_bf16"), "")
+    return (f"{info['cores']} cores of {info['cpu']} ({info['cpu_capability']}{bf16}), torch {info['torch']} with "
             f"{info['torch_threads']} threads, transformers {info['transformers']}, Python {info['python']}")
 
 

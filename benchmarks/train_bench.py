@@ -43,6 +43,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine, matmul_gflops, publish, summary  # noqa: E402
 
+from lmforge.hardware import cpu_has_native_bf16  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 RECIPE = dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
@@ -53,7 +55,8 @@ CONFIGS = {
 # time to quality: lmforge's model options (same size as the baseline) and schedule
 RECIPE_MODEL = {"position": "rope", "activation": "relu", "norm": "rmsnorm", "bias": False}
 NAMES = {"lmforge": "lmforge (GPT-2 layout)", "hf": "transformers GPT2LMHeadModel",
-         "lmforge_compiled": "lmforge (GPT-2 layout), torch.compile", "lmforge_rope": "lmforge default (RoPE)"}
+         "lmforge_compiled": "lmforge (GPT-2 layout), torch.compile", "lmforge_rope": "lmforge default (RoPE)",
+         "lmforge_bf16": "lmforge (GPT-2 layout), bf16 autocast", "hf_bf16": "transformers, bf16 autocast"}
 
 
 class Data:
@@ -81,8 +84,8 @@ def make_trainer(data: Data, shape: dict, steps: int, model: dict | None = None,
     config = ModelConfig(vocab_size=data.tokenizer.vocab_size, n_layer=shape["n_layer"], n_head=shape["n_head"],
                          n_embd=shape["n_embd"], block_size=shape["block_size"], eos_token_id=data.tokenizer.eos_id,
                          pad_token_id=data.tokenizer.pad_id, **options)
-    train_config = TrainConfig(batch_size=shape["batch_size"], max_steps=steps, progress=False,
-                               eval_every=10**9, save_every=10**9, **{**RECIPE, **recipe})
+    train_config = TrainConfig(batch_size=shape["batch_size"], max_steps=steps, progress=False,  # fp32 unless told
+                               eval_every=10**9, save_every=10**9, **{"bf16": False, **RECIPE, **recipe})
     torch.manual_seed(1337)
     return Trainer(LanguageModel(config), train_config, data.train, data.val, tempfile.mkdtemp(), data.tokenizer)
 
@@ -117,12 +120,14 @@ def hf_copy(model):
 
 class HFRunner:
     """transformers' model stepped the way its users train it, on lmforge's batch stream and
-    learning-rate schedule (so both sides see identical batches and rates)."""
+    learning-rate schedule (so both sides see identical batches and rates); with bf16, inside
+    torch.autocast(bfloat16), as its Trainer's --bf16 does."""
 
-    def __init__(self, twin, data: Data, shape: dict, train_config):
+    def __init__(self, twin, data: Data, shape: dict, train_config, bf16: bool = False):
         from lmforge.data.collate import WindowSampler
 
         self.model, self.config, self.step = hf_copy(twin), train_config, 0
+        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
         decay = lambda n, p: p.dim() >= 2 and "wte" not in n and "wpe" not in n  # noqa: E731
         params = list(self.model.named_parameters())
         self.optimizer = torch.optim.AdamW(
@@ -137,7 +142,8 @@ class HFRunner:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.config)
         x, y = self.sampler.next_batch()
-        loss = F.cross_entropy(self.model(input_ids=x).logits.flatten(0, 1), y.flatten())
+        with self.autocast:
+            loss = F.cross_entropy(self.model(input_ids=x).logits.flatten(0, 1).float(), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
@@ -218,6 +224,11 @@ def speed(args, shape: dict) -> dict:
         if args.rope:
             rope = make_trainer(data, shape, steps, model={"position": "rope"})
             racers["lmforge_rope"] = (rope.train_step, rope.model, lambda x: rope.model(x).logits)
+        if args.bf16:  # same start, same batches, in bf16 autocast (evaluated in fp32 like the rest)
+            ours_bf16 = make_trainer(data, shape, steps, bf16=True)
+            hf_bf16 = HFRunner(ours_bf16.model, data, shape, ours_bf16.config, bf16=True)
+            racers["lmforge_bf16"] = (ours_bf16.train_step, ours_bf16.model, lambda x: ours_bf16.model(x).logits)
+            racers["hf_bf16"] = (hf_bf16.train_step, hf_bf16.model, hf_bf16.logits)
         flops_per_step = trainer.model.flops_per_token(shape["block_size"]) * shape["batch_size"] * shape["block_size"]
         peak_before = matmul_gflops()
         started = time.perf_counter()
@@ -279,6 +290,10 @@ def speed_table(result: dict, config: str) -> str:
         row(f"first validation ≤ {key.rsplit('_', 1)[1]}", lambda r: f"step {r[key]}" if r[key] else "not reached")
     if "peak_rss_mb" in result["lmforge"]:
         row("peak RSS, training alone", lambda r: f"{r['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in r else "–")
+    if "lmforge_bf16" in result and result["lmforge_bf16"]["final_val_loss"]:
+        fp32, bf16 = result["lmforge"]["final_val_loss"], result["lmforge_bf16"]["final_val_loss"]
+        lines.append(f"\nbf16 against fp32, same seed and batches: final validation loss {bf16:.4f} against {fp32:.4f} "
+                     f"({100 * (bf16 - fp32) / fp32:+.2f}%).")
     if "lmforge_compiled" in result:
         lines.append(f"\nCompiling took {result['lmforge_compiled']['compile_seconds']:.0f} s, not counted above (with "
                      "torch's on-disk compile cache empty it takes 15–50 s here).")
@@ -290,14 +305,18 @@ def speed_table(result: dict, config: str) -> str:
 
 
 def time_to_quality(args) -> dict:
-    """Baseline recipe in transformers (GPT-2 layout) against lmforge's recipe, raced to the target."""
+    """Baseline recipe in transformers (GPT-2 layout) against lmforge's recipe, raced to the target,
+    both in the precision that is fastest on this machine: bf16 autocast where the CPU has bf16
+    units (what lmforge's default picks), fp32 elsewhere."""
     shape = CONFIGS["tiny"]
+    bf16 = {"auto": cpu_has_native_bf16(), "bf16": True, "fp32": False}[args.precision]
+    precision = "bf16 autocast" if bf16 else "fp32"
     with tempfile.TemporaryDirectory() as cache:
         data = Data(cache)
         twin = make_trainer(data, shape, args.baseline_steps)
-        hf = HFRunner(twin.model, data, shape, twin.config)
+        hf = HFRunner(twin.model, data, shape, twin.config, bf16=bf16)
         ours = make_trainer(data, shape, args.recipe_steps, model=RECIPE_MODEL, lr=args.recipe_lr,
-                            min_lr=args.recipe_lr / 10)
+                            min_lr=args.recipe_lr / 10, bf16=bf16)
         racers = {"baseline": (hf.train_step, hf.model, hf.logits),
                   "lmforge": (ours.train_step, ours.model, lambda x: ours.model(x).logits)}
         steps = {"baseline": args.baseline_steps, "lmforge": args.recipe_steps}
@@ -310,17 +329,18 @@ def time_to_quality(args) -> dict:
                         "median_ms_per_step": summary([t * 1000 for t in raced["times"][name]])["median"],
                         "val_curve": raced["curves"][name]}
     result["baseline"]["recipe"] = (f"transformers GPT2LMHeadModel (learned positions, GELU, LayerNorm, biases); "
-                                    f"lr {RECIPE['lr']:g} → {RECIPE['min_lr']:g}")
+                                    f"lr {RECIPE['lr']:g} → {RECIPE['min_lr']:g}; {precision}")
     parts = {"position": "{} positions", "activation": "{}", "norm": "{}", "bias": "biases: {}"}
     model = ", ".join(parts[k].format(v) for k, v in RECIPE_MODEL.items())
-    result["lmforge"]["recipe"] = f"lmforge ({model}); lr {args.recipe_lr:g} → {args.recipe_lr / 10:g}"
+    result["lmforge"]["recipe"] = f"lmforge ({model}); lr {args.recipe_lr:g} → {args.recipe_lr / 10:g}; {precision}"
+    result["precision"] = precision
     times = [result[name]["train_seconds_to_target"] for name in racers]
     result["time_ratio"] = times[1] / times[0] if all(times) else None
     return result
 
 
 def ttq_table(result: dict) -> str:
-    lines = ["| | model and learning rate | cosine schedule | first validation ≤ "
+    lines = ["| | model, learning rate and precision | cosine schedule | first validation ≤ "
              f"{result['target_val_loss']} | training seconds to it |", "|---|---|---:|---:|---:|"]
     for name, label in (("baseline", "baseline"), ("lmforge", "lmforge")):
         r = result[name]
@@ -343,6 +363,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add lmforge with torch.compile")
     parser.add_argument("--rope", action=argparse.BooleanOptionalAction, default=True,
                         help="add lmforge's default model (rotary positions)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                        help="add lmforge and transformers in bf16 autocast (default: where the CPU has bf16 units)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="time to quality: both sides' precision (auto: bf16 where the CPU has bf16 units)")
     parser.add_argument("--memory-steps", type=int, default=50, help="steps of the peak-memory runs (0: skip)")
     parser.add_argument("--time-to-quality", action="store_true", help="race lmforge's recipe against the baseline")
     parser.add_argument("--baseline-steps", type=int, default=2500, help="baseline schedule length (time to quality)")
@@ -365,6 +389,8 @@ def main() -> None:
         if args.readme:
             publish(name, result, table)
         return
+    if args.bf16 is None:
+        args.bf16 = cpu_has_native_bf16()  # emulated bf16 (AVX2) is ~100x slower: not worth racing
     if not DATA.is_file():
         sys.exit(f"benchmark data not found: {DATA}")
     result = {"command": command_line("train_bench.py", sys.argv[1:]),

@@ -28,6 +28,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation", choices=["gelu", "gelu_tanh", "relu", "swiglu"])
     p.add_argument("--norm", choices=["layernorm", "rmsnorm"])
     p.add_argument("--norm-position", choices=["pre", "post"])
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, help="biases in linear layers and LayerNorm")
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:

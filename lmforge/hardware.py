@@ -54,19 +54,3 @@ def cpu_capability() -> str:
     or an ARM/POWER name), unless LMFORGE_CPU_CAPABILITY says otherwise."""
     return os.environ.get(CAPABILITY_OVERRIDE, "").strip().upper() or torch.backends.cpu.get_cpu_capability()
 
-
-def describe_cpu() -> str:
-    """One line for benchmark captions: the CPU's model name and what it does with bf16."""
-    name = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        import platform
-
-        name = platform.processor() or name
-    bf16 = "native bf16 (AVX-512 BF16/AMX)" if cpu_has_native_bf16() else "no bf16 units (bf16 emulated)"
-    return f"{name}, {cpu_capability()}, {bf16}"

@@ -21,9 +21,10 @@ from lmforge import kernels
 from lmforge.model.attention import AttentionContext
 from lmforge.model.cache import LayerCache
 from lmforge.model.linear import Linear
+from lmforge.model.norms import RMSNorm
 from lmforge.quantize import Int8Linear
 
-NORMS = {nn.LayerNorm: 0, nn.RMSNorm: 1}
+NORMS = {nn.LayerNorm: 0, RMSNorm: 1}
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2}  # SwiGLU (3) has no activation module
 KERNEL_WEIGHTS = (torch.float32, torch.int8)
 enabled = True  # False: every block keeps the module path (tests compare the two)

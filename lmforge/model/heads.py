@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.model.layers import ACTIVATIONS, make_norm
+from lmforge.model.layers import ACTIVATIONS
 from lmforge.model.linear import Linear
+from lmforge.model.norms import make_norm
 
 # Logits (rows × vocabulary) that vocabulary_loss computes at a time: 64 MB of float32. GPT-2's
 # vocabulary at batch 8 × 1024 would otherwise hold 1.6 GB of logits, and as much again for

@@ -11,13 +11,8 @@ from lmforge.model import fused_decode
 from lmforge.model.attention import Attention, AttentionContext
 from lmforge.model.cache import LayerCache
 from lmforge.model.linear import Linear
+from lmforge.model.norms import make_norm
 from lmforge.model.position import Rotary
-
-
-def make_norm(config) -> nn.Module:
-    if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 class GELU(nn.GELU):

@@ -19,8 +19,9 @@ from lmforge.errors import LmforgeError
 from lmforge.model.attention import AttentionContext, build_mask
 from lmforge.model.cache import KVCache
 from lmforge.model.heads import LMHead, MLMHead, token_loss, vocabulary_loss
-from lmforge.model.layers import Block, make_norm
+from lmforge.model.layers import Block
 from lmforge.model.linear import Linear
+from lmforge.model.norms import make_norm
 from lmforge.model.position import Rotary, SinusoidalPositions
 
 

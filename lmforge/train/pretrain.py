@@ -32,6 +32,13 @@ TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 RUN_FIELDS = {"data", "val_data", "tokenizer", "vocab_size", "dedup", "out", "resume", "init"}
 # What a run that starts from a trained model may still change about it: the rest is the model.
 INIT_MODEL_FIELDS = {"dropout", "attn_dropout"}
+# A decoder trained from scratch gets the recipe that reached tiny Shakespeare's validation 1.88
+# soonest (docs/notes.md, "Time to quality" and "Defaults"): rotary positions, ReLU, RMSNorm, no
+# biases, lr 3e-3 decaying to 3e-4 over the run. Every value can still be given. Encoders keep
+# ModelConfig's and TrainConfig's defaults: the recipe was measured on decoders only, and ReLU before the MLM
+# head's norm makes all-zero rows whose normalisation gradient is 1/sqrt(eps).
+RECIPE_MODEL = {"position": "rope", "activation": "relu", "norm": "rmsnorm", "bias": False}
+RECIPE_TRAIN = {"lr": 3e-3}
 # A trained model needs a gentler, shorter schedule than pretraining from scratch.
 FINETUNE_DEFAULTS = {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 20, "max_steps": 500, "eval_every": 100,
                      "save_every": 100}
@@ -81,7 +88,8 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
     """Build (or rebuild, with resume) everything a training run needs; nothing is trained yet.
 
     `documents` lets a caller (the demo) supply an already-loaded corpus instead of paths;
-    `train_defaults` replace TrainConfig's defaults in a new run (a resumed one keeps its own);
+    `train_defaults` replace TrainConfig's defaults (and the recipe's) in a new run (a resumed one
+    keeps its own); a new decoder from scratch takes RECIPE_MODEL's options unless given;
     `require_init` (the finetune verb) refuses a run that does not start from a model folder."""
     run_opts, model_opts, train_opts = split_options(options)
     if not run_opts.get("out"):
@@ -114,7 +122,10 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
         train_opts = {**_read_json(out / "train_config.json"), **train_opts}
         model_opts = {**_read_json(out / "config.json"), **model_opts}
     else:
-        train_opts = {**(train_defaults or {}), **train_opts}
+        recipe = not init and model_opts.get("arch", "decoder") == "decoder"
+        train_opts = {**(RECIPE_TRAIN if recipe else {}), **(train_defaults or {}), **train_opts}
+        if recipe:
+            model_opts = {**RECIPE_MODEL, **model_opts}
 
     if documents is None:
         paths = _as_list(run_opts.get("data"))
