@@ -15,9 +15,10 @@ step's FLOPs are set against the matrix-product peak measured in the same run, s
 also says how far from the machine's limit every contestant is. Peak memory is measured in
 separate short subprocesses (two models in one process share one peak).
 
-`--time-to-quality` instead races lmforge's recipe (its default rotary model, a higher learning
-rate, a schedule sized to the target) against the baseline recipe in transformers, until each
-reaches the target validation loss, and compares their training wall times.
+`--time-to-quality` instead races lmforge's recipe (`lmforge pretrain`'s defaults for a decoder:
+rotary positions, ReLU, RMSNorm, no biases, lr 3e-3, a schedule sized to the target) against the
+baseline recipe in transformers, until each reaches the target validation loss, and compares their
+training wall times.
 
     python benchmarks/train_bench.py [--config tiny|mid] [--steps N] [--compile] [--readme]
     python benchmarks/train_bench.py --time-to-quality [--readme]
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine, matmul_gflops, publish, summary  # noqa: E402
 
 from lmforge.hardware import cpu_has_native_bf16  # noqa: E402
+from lmforge.train.pretrain import RECIPE_MODEL, RECIPE_TRAIN  # noqa: E402  (pretrain's defaults race)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -52,8 +54,6 @@ CONFIGS = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, steps=2000, eval_every=250),
     "mid": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16, steps=40, eval_every=0),
 }
-# time to quality: lmforge's model options (same size as the baseline) and schedule
-RECIPE_MODEL = {"position": "rope", "activation": "relu", "norm": "rmsnorm", "bias": False}
 NAMES = {"lmforge": "lmforge (GPT-2 layout)", "hf": "transformers GPT2LMHeadModel",
          "lmforge_compiled": "lmforge (GPT-2 layout), torch.compile", "lmforge_rope": "lmforge default (RoPE)",
          "lmforge_bf16": "lmforge (GPT-2 layout), bf16 autocast", "hf_bf16": "transformers, bf16 autocast"}
@@ -371,7 +371,8 @@ def main() -> None:
     parser.add_argument("--time-to-quality", action="store_true", help="race lmforge's recipe against the baseline")
     parser.add_argument("--baseline-steps", type=int, default=2500, help="baseline schedule length (time to quality)")
     parser.add_argument("--recipe-steps", type=int, default=1000, help="lmforge schedule length (time to quality)")
-    parser.add_argument("--recipe-lr", type=float, default=3e-3, help="lmforge peak learning rate (time to quality)")
+    parser.add_argument("--recipe-lr", type=float, default=RECIPE_TRAIN["lr"],
+                        help="lmforge peak learning rate (time to quality; default: pretrain's)")
     parser.add_argument("--ttq-eval-every", type=int, default=50)
     parser.add_argument("--readme", action="store_true", help="also save JSON in benchmarks/results/, table in README")
     parser.add_argument("--json-out")

@@ -10,6 +10,8 @@ needs a model to say something specific, its forward is wrapped to force the nex
 
 from __future__ import annotations
 
+import itertools
+import math
 import string
 
 import pytest
@@ -173,6 +175,47 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert keep(0.85) == [False, True, True, True]  # 0.5 + 0.3 + 0.15 = 0.95
     assert keep(0.97) == [True, True, True, True]
     assert keep(1e-6) == [False, True, False, False]  # never empty
+
+
+def logits_with_exact_softmax(probs: list[float], reach: int = 8) -> torch.Tensor:
+    """(1, V) float32 logits whose softmax is exactly `probs` (powers of two summing to 1), in the
+    given order and sorted either way. The likeliest token gets logit 0 (exp(0) = 1 exactly) and
+    the others log(p / max p), which a correctly rounded exp maps back exactly; a faster vectorised
+    exp may be an ulp off on some CPU, so neighbouring floats of those logits are tried too."""
+    top = max(probs)
+    values = sorted(set(probs) - {top})
+    centre = torch.tensor([math.log(v / top) for v in values]).view(torch.int32)
+    target = torch.tensor([probs])
+    for step in sorted(itertools.product(range(-reach, reach + 1), repeat=len(values)), key=lambda s: max(map(abs, s))):
+        logit = dict(zip(values, (centre + torch.tensor(step, dtype=torch.int32)).view(torch.float32).tolist(),
+                         strict=True))
+        logits = torch.tensor([[logit.get(p, 0.0) for p in probs]])
+        if all(torch.equal(logits.sort(descending=d).values.softmax(-1), target.sort(descending=d).values)
+               for d in (True, False)) and torch.equal(logits.softmax(-1), target):
+            return logits
+    raise AssertionError(f"no float32 logits give exactly {probs} through softmax on this CPU")
+
+
+def test_top_p_at_an_exact_tie_keeps_the_tokens_that_reach_p():
+    """When the top tokens' mass equals p exactly they already reach it: the smallest set reaching
+    p is them, and the next token is dropped. transformers' TopPLogitsWarper agrees: it drops the
+    tokens whose ascending cumulative mass is <= 1 - p, and 0.125 + 0.125 <= 0.25."""
+    probs = [0.125, 0.5, 0.125, 0.25]  # out of order: the mask must be scattered back to token ids
+    logits = logits_with_exact_softmax(probs)
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p)).tolist()[0]  # noqa: E731
+    assert kept(0.5) == [False, True, False, False]  # 0.5 alone is exactly 0.5
+    assert kept(0.75) == [False, True, False, True]  # 0.5 + 0.25 is exactly 0.75
+    assert kept(0.75 - 2**-20) == [False, True, False, True]
+    assert sum(kept(0.75 + 2**-20)) == 3  # just past the tie: one 0.125 more (either: they tie)
+    assert sum(kept(0.875)) == 3  # exactly 0.5 + 0.25 + 0.125
+    assert kept(1.0) == [True, True, True, True]
+    transformers = pytest.importorskip("transformers")
+    input_ids = torch.zeros(1, 1, dtype=torch.long)
+    for p in (0.5, 0.75, 1.0):
+        hf = transformers.TopPLogitsWarper(top_p=p)(input_ids, logits.clone())
+        assert torch.isfinite(hf).tolist()[0] == kept(p), p
+    for p in (0.75 + 2**-20, 0.875):
+        assert int(torch.isfinite(transformers.TopPLogitsWarper(top_p=p)(input_ids, logits.clone())).sum()) == 3, p
 
 
 def test_min_p_keeps_tokens_relative_to_the_best():

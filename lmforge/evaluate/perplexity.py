@@ -56,5 +56,5 @@ def evaluate_corpus(model, tokenizer, paths, batch_size: int = 8, max_batches: i
     stream = [t for ids in tokenizer.encode_batch(documents) for t in ids + separator]
     n_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
     store = TokenStore(np.asarray(stream, dtype=token_dtype(tokenizer.vocab_size)), n_bytes)
-    objective = Objective(DEFAULT_FOR_ARCH[model.config.arch], model.config)
+    objective = Objective(DEFAULT_FOR_ARCH[model.config.arch], model.config, special_ids=tokenizer.special_ids)
     return evaluate_store(model, store, objective, batch_size, max_batches=max_batches)

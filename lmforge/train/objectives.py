@@ -9,6 +9,8 @@ Each returns the keyword arguments of `LanguageModel.forward`, labels included.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from lmforge.config import ModelConfig
@@ -20,16 +22,16 @@ ARCHS_FOR_OBJECTIVE = {"clm": ("decoder",), "mlm": ("encoder",), "denoise": ("en
 
 
 class Objective:
-    def __init__(self, name: str, config: ModelConfig, mask_prob: float = 0.15):
+    def __init__(self, name: str, config: ModelConfig, mask_prob: float = 0.15, special_ids: Sequence[int] = ()):
+        """`special_ids`: the tokenizer's own special tokens (e.g. <unk>, which the config does not
+        name); masking never selects them, nor the config's pad, eos, bos and mask."""
         if config.arch not in ARCHS_FOR_OBJECTIVE[name]:
             raise LmforgeError(f"objective {name} does not fit arch {config.arch}; use {DEFAULT_FOR_ARCH[config.arch]}")
         if name in ("mlm", "denoise") and config.mask_token_id is None:
             raise LmforgeError(f"objective {name} needs a <mask> token in the tokenizer")
         self.name, self.config, self.mask_prob = name, config, mask_prob
-        self.special_ids = [
-            i for i in (config.pad_token_id, config.eos_token_id, config.bos_token_id, config.mask_token_id)
-            if i is not None
-        ]
+        roles = (config.pad_token_id, config.eos_token_id, config.bos_token_id, config.mask_token_id)
+        self.special_ids = sorted({i for i in (*roles, *special_ids) if i is not None})
 
     def batch(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> dict:
         if self.name == "clm":

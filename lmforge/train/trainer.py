@@ -87,7 +87,8 @@ class Trainer:
         self.world = world or World()
         self.run_dir = Path(run_dir)
         self.train_store, self.val_store = train_store, val_store
-        self.objective = objective or Objective(config.objective, model.config, config.mask_prob)
+        specials = tokenizer.special_ids if tokenizer is not None else ()  # <unk> too: never masked
+        self.objective = objective or Objective(config.objective, model.config, config.mask_prob, specials)
         self.seq_len = block = config.seq_len or model.config.block_size
         if block > model.config.block_size:
             raise LmforgeError(f"seq_len {block} is longer than the model's block_size {model.config.block_size}")
