@@ -158,7 +158,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from lmforge.generate import generate, stream
-    from lmforge.train.checkpoint import load_model
+    from lmforge.model_folder import load_model
 
     config = _generation_config(args)
     if args.seed is not None:
@@ -191,7 +191,7 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     from lmforge.evaluate.perplexity import evaluate_corpus
-    from lmforge.train.checkpoint import load_model
+    from lmforge.model_folder import load_model
 
     model, tokenizer = load_model(args.model_dir)
     if model.config.n_labels:
@@ -208,7 +208,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from lmforge.interop import convert_from_hf, convert_to_hf
+    from lmforge.model_folder import convert_from_hf, convert_to_hf
 
     if args.from_hf:
         model = convert_from_hf(args.from_hf, args.out)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lmforge.atomic import atomic_write_text
 from lmforge.errors import LmforgeError
 
 ARCHS = ("decoder", "encoder", "encoder-decoder")
@@ -126,8 +127,6 @@ class ModelConfig:
         return cls(**_known_fields(cls, data, "model config"))
 
     def save(self, path: str | Path) -> None:
-        from lmforge.train.checkpoint import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from lmforge import kernels
+from lmforge.atomic import atomic_write_text
 from lmforge.data.corpus import load_corpus, stdlib_source_files
 from lmforge.errors import LmforgeError
 from lmforge.generate import GenerationConfig, generate
-from lmforge.train.checkpoint import atomic_write_text
 
 DEMO_MODEL = {
     "arch": "decoder", "n_layer": 4, "n_head": 4, "n_embd": 192, "block_size": 128,

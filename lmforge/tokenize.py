@@ -17,8 +17,8 @@ import numpy as np
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from lmforge.atomic import atomic_write_text
 from lmforge.errors import LmforgeError
-from lmforge.train.checkpoint import atomic_write_text
 
 DEFAULT_SPECIAL_TOKENS = ["<|endoftext|>", "<pad>", "<mask>"]
 UNK_TOKEN = "<unk>"

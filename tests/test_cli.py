@@ -29,8 +29,9 @@ from helpers import (  # noqa: F401  (fixtures are registered by import)
 from lmforge import demo
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
+from lmforge.model_folder import load_model
 from lmforge.tokenize import Tokenizer
-from lmforge.train.checkpoint import checkpoint_dirs, load_model
+from lmforge.train.checkpoint import checkpoint_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--tokenizer", "char", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",

@@ -26,8 +26,8 @@ from lmforge.cli import main
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.errors import LmforgeError
 from lmforge.model import build_model
+from lmforge.model_folder import load_model, save_model
 from lmforge.tokenize import Tokenizer
-from lmforge.train.checkpoint import load_model, save_model
 from lmforge.train.pretrain import FINETUNE_DEFAULTS, prepare_run
 
 NEW_TEXT = "She sells sea shells by the sea shore. The shells she sells are surely sea shells.\n" * 60

@@ -80,8 +80,8 @@ def test_cli_generate_compile_uses_the_compiled_step(fresh_compile, monkeypatch,
     """`lmforge generate --compile` decodes through torch.compile (here a stand-in that records
     its calls, so the test stays fast) and prints what eager decoding prints."""
     from lmforge.cli import main
+    from lmforge.model_folder import save_model
     from lmforge.tokenize import Tokenizer
-    from lmforge.train.checkpoint import save_model
 
     calls = []
 

@@ -23,8 +23,8 @@ from lmforge.errors import LmforgeError
 from lmforge.generate import GenerationConfig, decode_steps
 from lmforge.interop import from_hf, is_hf_folder, to_hf
 from lmforge.model import LanguageModel, SequenceClassifier, build_model
+from lmforge.model_folder import load_model, save_model
 from lmforge.tokenize import Tokenizer
-from lmforge.train.checkpoint import load_model, save_model
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -560,7 +560,7 @@ def test_cli_eval_refuses_a_classifier_in_one_line(bert_cls, tmp_path, capsys):
 
 def test_transformers_is_not_imported_by_lmforge():
     code = (
-        "import sys, lmforge, lmforge.cli, lmforge.train.checkpoint, lmforge.interop\n"
+        "import sys, lmforge, lmforge.cli, lmforge.train.checkpoint, lmforge.model_folder, lmforge.interop\n"
         "print('transformers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

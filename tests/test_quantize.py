@@ -180,7 +180,7 @@ def test_perplexity_on_shakespeare_changes_under_one_percent():
 
 def test_cli_generate_int8(tmp_path, capsys):
     from lmforge.cli import main
-    from lmforge.train.checkpoint import save_model
+    from lmforge.model_folder import save_model
 
     tokenizer = Tokenizer.train("char", ["hello world, the quick brown fox"])
     model = make_model(vocab_size=tokenizer.vocab_size, init_std=0.2, tie_embeddings=False,

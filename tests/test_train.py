@@ -32,19 +32,16 @@ from helpers import (  # noqa: F401  (fixtures are registered by import)
     write_corpus,
 )
 
+from lmforge import model_folder
+from lmforge.atomic import atomic_write_bytes, atomic_write_text
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.data.collate import WindowSampler, eval_windows
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.perplexity import evaluate_store
 from lmforge.model import LanguageModel
+from lmforge.model_folder import load_model, save_model
 from lmforge.train import checkpoint
-from lmforge.train.checkpoint import (
-    atomic_write_bytes,
-    atomic_write_text,
-    checkpoint_dirs,
-    load_model,
-    save_model,
-)
+from lmforge.train.checkpoint import checkpoint_dirs
 from lmforge.train.objectives import Objective
 from lmforge.train.pretrain import prepare_run
 from lmforge.train.trainer import configure_optimizer, lr_at
@@ -498,7 +495,7 @@ def test_checkpoints_modes_pruning_and_top_level_model(tmp_path):
     assert dirs[-1].stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
     for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt"):
         assert (dirs[-1] / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
-    for name in checkpoint.MODEL_FILES:
+    for name in model_folder.MODEL_FILES:
         assert (out / name).read_bytes() == (dirs[-1] / name).read_bytes()
     state = checkpoint.load_trainer_state(dirs[-1])
     assert state["step"] == 20 and state["train_config"]["max_steps"] == 20

@@ -15,6 +15,7 @@ Every run is fp32 (tiny_options pins bf16=False): the comparisons are exact or t
 from __future__ import annotations
 
 import copy
+import io
 import math
 from pathlib import Path
 
@@ -29,10 +30,12 @@ from helpers import (  # noqa: F401  (fixtures are registered by import)
     token_cache,
 )
 
+from lmforge import atomic
 from lmforge.data.collate import IGNORE_INDEX, WindowSampler
+from lmforge.model_folder import load_model
 from lmforge.train import checkpoint
 from lmforge.train import trainer as trainer_module
-from lmforge.train.checkpoint import checkpoint_dirs, load_model
+from lmforge.train.checkpoint import checkpoint_dirs
 from lmforge.train.pretrain import prepare_run
 
 OBJECTIVE_OF_ARCH = {"decoder": "clm", "encoder": "mlm", "encoder-decoder": "denoise"}
@@ -180,24 +183,26 @@ def test_mlm_objective_never_selects_the_tokenizers_special_tokens(tmp_path, kin
 
 def fail_checkpoint_write(monkeypatch, step: int, nth_file: int) -> list[str]:
     """Make the nth file written into checkpoint `step` die half-way (some bytes on disk, then
-    ENOSPC). Every file of a checkpoint goes through checkpoint.atomic_write_bytes; the failing
-    one still runs the real atomic machinery, so a torn file lands wherever that puts it."""
-    real_write = checkpoint._atomic_write
+    ENOSPC). Every file lmforge writes goes through lmforge.atomic._atomic_write; the failing one
+    still runs the real atomic machinery, so a torn file lands wherever that puts it."""
+    real_write = atomic._atomic_write
     written: list[str] = []
 
-    def write(path, data):
+    def write(path, fill):
         path = Path(path)
         if path.parent.parent.name == checkpoint.CHECKPOINT_DIR and f"{step:08d}" in path.parent.name:
             written.append(path.name)
             if len(written) == nth_file:
                 def torn(handle):
-                    handle.write(data[: len(data) // 2])
+                    content = io.BytesIO()
+                    fill(content)
+                    handle.write(content.getvalue()[: len(content.getvalue()) // 2])
                     raise OSError(28, "No space left on device")
 
                 return real_write(path, torn)
-        return real_write(path, lambda handle: handle.write(data))
+        return real_write(path, fill)
 
-    monkeypatch.setattr(checkpoint, "atomic_write_bytes", write)
+    monkeypatch.setattr(atomic, "_atomic_write", write)
     return written
 
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.atomic import atomic_write_bytes, atomic_write_text
 from lmforge.errors import LmforgeError
-from lmforge.train.checkpoint import atomic_write_bytes, atomic_write_text
 
 CACHE_FORMAT = 1
 ENCODE_CHUNK_CHARS = 1 << 22  # ~4M characters per encode_batch call: big enough to use all cores

@@ -5,10 +5,11 @@
     to_hf(model, tokenizer, "path/to/new-hf-folder")      # loads with AutoModel...from_pretrained
 
 One module per family (gpt2.py, bert.py, bart.py) declares its config fields and weight names;
-mapping.py holds what they share; hf.py reads and writes the folders. Nothing here imports
+mapping.py holds what they share; hf.py reads and writes the folders (lmforge/model_folder.py
+converts folder to folder). Nothing here imports
 `transformers`.
 """
 
-from lmforge.interop.hf import convert_from_hf, convert_to_hf, from_hf, is_hf_folder, to_hf
+from lmforge.interop.hf import from_hf, is_hf_folder, to_hf
 
-__all__ = ["convert_from_hf", "convert_to_hf", "from_hf", "is_hf_folder", "to_hf"]
+__all__ = ["from_hf", "is_hf_folder", "to_hf"]

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
+from lmforge.atomic import atomic_write_bytes, atomic_write_text
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.interop import bart, bert, gpt2
 from lmforge.interop.mapping import Family, HFConfig, weights_from_hf, weights_to_hf
 from lmforge.tokenize import Tokenizer
-from lmforge.train.checkpoint import atomic_write_bytes, atomic_write_text, load_model, save_model
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (gpt2.FAMILY, bert.FAMILY, bart.FAMILY)}
 EXPORT_FAMILY = {"decoder": gpt2.FAMILY, "encoder": bert.FAMILY, "encoder-decoder": bart.FAMILY}
@@ -189,34 +189,3 @@ def to_hf(model, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
         tokenizer_config = _tokenizer_config(tokenizer, config)
         atomic_write_text(out / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
     return out
-
-
-# ---------------------------------------------------------------- folder to folder
-
-
-def _fresh_output(out_dir: str | Path, source: Path) -> Path:
-    """Converting never mixes files into an existing folder (a stale pytorch_model.bin would win)."""
-    out = Path(out_dir)
-    if out.resolve() == source.resolve():
-        raise LmforgeError(f"--out must differ from the folder being converted ({source})")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LmforgeError(f"--out {out} already exists and is not an empty folder")
-    return out
-
-
-def convert_from_hf(hf_dir: str | Path, out_dir: str | Path):
-    """An lmforge model folder from a Hugging Face one; returns the model."""
-    out = _fresh_output(out_dir, Path(hf_dir))
-    if not is_hf_folder(hf_dir):
-        raise LmforgeError(f"{hf_dir} is not a Hugging Face model folder (no config.json with a model_type)")
-    model, tokenizer = from_hf(hf_dir)
-    save_model(model, out, tokenizer)
-    return model
-
-
-def convert_to_hf(model_dir: str | Path, out_dir: str | Path):
-    """A Hugging Face folder from an lmforge model folder; returns the model."""
-    out = _fresh_output(out_dir, Path(model_dir))
-    model, tokenizer = load_model(model_dir)
-    to_hf(model, tokenizer, out)
-    return model

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
+from lmforge.atomic import atomic_write_text
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.data.corpus import load_corpus
 from lmforge.data.store import build_token_stores
 from lmforge.errors import LmforgeError
 from lmforge.model import LanguageModel
 from lmforge.tokenize import Tokenizer
-from lmforge.train.checkpoint import atomic_write_text, checkpoint_dirs
+from lmforge.train.checkpoint import checkpoint_dirs
 from lmforge.train.distributed import World, init_world
 from lmforge.train.objectives import DEFAULT_FOR_ARCH
 from lmforge.train.trainer import Trainer
@@ -190,7 +191,7 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
 
 
 def _load_start(folder) -> tuple[LanguageModel, Tokenizer]:
-    from lmforge.train.checkpoint import load_model
+    from lmforge.model_folder import load_model
 
     model, tokenizer = load_model(folder)
     if model.config.n_labels:

@@ -17,16 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lmforge.atomic import atomic_write_text
 from lmforge.config import TrainConfig
 from lmforge.data.collate import WindowSampler
 from lmforge.errors import LmforgeError
 from lmforge.hardware import bf16_native
-from lmforge.train.checkpoint import (
-    atomic_write_text,
-    checkpoint_dirs,
-    load_trainer_state,
-    save_checkpoint,
-)
+from lmforge.train.checkpoint import checkpoint_dirs, load_trainer_state, save_checkpoint
 from lmforge.train.distributed import World, full_state, load_full_state, no_sync, wrap_model
 from lmforge.train.objectives import Objective
 
