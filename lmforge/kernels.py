@@ -15,18 +15,31 @@ such shapes MKL's sgemm runs on one thread at about half the machine's read band
 the bandwidth allows ~49. csrc/small_matmul.cpp splits the weight rows over torch's threads and
 streams them with AVX2 (37 tokens/s); it also multiplies int8 weights directly (quantize.py).
 
-They are compiled once per machine and torch version by torch's extension builder (a C++ compiler
-and an AVX2 CPU are needed; ~40 s; cached under TORCH_EXTENSIONS_DIR or ~/.cache). If it cannot
-be built, everything runs on torch's own operators, with one warning; LMFORGE_KERNELS=0 chooses
-that silently. Every kernel is a registered operator with its output shapes declared below, so
+They are compiled once per machine and torch version by torch's extension builder (~40 s) into
+TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), in a folder named by a digest of the
+sources, headers, flags and torch version. A library found there is loaded as it is, so the
+source tree and an installed wheel share one build instead of rebuilding it for each other's
+file paths. Every kernel is a registered operator with its output shapes declared below, so
 torch.compile keeps them in its graphs (the training kernels' forward and backward are operators
 of their own, called by a C++ autograd Function) and fuses the operations around them.
+
+The kernels only make things faster, so they never stop a command. Without them every model
+runs on torch's own operators, with the same results to rounding:
+- LMFORGE_KERNELS=0: not built, silently.
+- A CPU without AVX2 (ARM, POWER, an older x86; hardware.cpu_capability(), which
+  LMFORGE_CPU_CAPABILITY overrides): not built, silently. That is the normal state of such a
+  machine, with nothing to fix, so a warning on every command would only be noise.
+- Anything else that stops the build or the loading: a missing source or header, no C++
+  compiler (CXX, default c++), no ninja, a cache folder that cannot be created or written, a
+  compile error, a library that does not load. One warning, "lmforge: CPU kernels unavailable
+  (<reason>); using torch's operators", and torch's operators for the rest of the process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -38,6 +51,7 @@ from lmforge.hardware import cpu_capability
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "small_matmul.cpp", CSRC / "attention.cpp", CSRC / "gelu.cpp", CSRC / "decode.cpp"]
 HEADERS = [CSRC / "vec_math.h", CSRC / "small_matmul.h"]
+LIBRARY = "lmforge_kernels"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 # Up to this many rows the kernel beats MKL (fp32, the 48 products of GPT-2 small's layers,
 # one A/B run: 1 row 15 vs 25 ms, 8 rows 28 vs 53, 32 rows 60 vs 71, 64 rows 111 vs 105). From
@@ -56,26 +70,45 @@ def _build_directory() -> Path:
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     code = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
     digest = hashlib.sha256(code + " ".join(FLAGS).encode() + torch.__version__.encode())
-    return root / f"lmforge_kernels_{digest.hexdigest()[:12]}"
+    return root / f"{LIBRARY}_{digest.hexdigest()[:12]}"
+
+
+def _build_or_load() -> None:
+    """Loads this code's cached library, or compiles it first; raises whatever stops either."""
+    folder = _build_directory()  # reads every source and header: a missing file fails here
+    library = folder / f"{LIBRARY}.so"
+    if library.is_file():
+        try:
+            torch.ops.load_library(str(library))
+            return
+        except OSError:  # half-written by a build that was killed or is still running: torch's builder sorts it out
+            pass
+    compiler = os.environ.get("CXX", "c++")  # what torch's builder runs
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler: {compiler!r} not found; install g++ or set CXX")
+    from torch.utils.cpp_extension import load
+
+    folder.mkdir(parents=True, exist_ok=True)
+    print("lmforge: compiling the CPU kernels (once, under a minute)", file=sys.stderr, flush=True)
+    load(LIBRARY, [str(path) for path in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+         build_directory=str(folder), is_python_module=False)
+
+
+def _reason(exc: Exception, limit: int = 200) -> str:
+    """One line saying why, for the warning: a failed build's message holds every compiler command
+    and all its output, so it is the compiler's first "error:" line, or else the first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    line = next((line for line in lines if "error:" in line), lines[0])
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _build() -> bool:
-    if os.environ.get("LMFORGE_KERNELS", "1") == "0":
+    if os.environ.get("LMFORGE_KERNELS", "1") == "0" or cpu_capability() not in ("AVX2", "AVX512"):
         return False
-    if cpu_capability() not in ("AVX2", "AVX512"):
-        return False
-    from torch.utils.cpp_extension import load
-
-    folder = _build_directory()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "lmforge_kernels.so").is_file():
-            print("lmforge: compiling the CPU kernels (once, under a minute)", file=sys.stderr, flush=True)
-        load("lmforge_kernels", [str(path) for path in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-             build_directory=str(folder), is_python_module=False)
-    except Exception as exc:  # no compiler, no ninja, a build error: all mean "use torch"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        warnings.warn(f"lmforge: CPU kernels unavailable ({reason}); using torch's operators", stacklevel=3)
+        _build_or_load()
+    except Exception as exc:  # whatever went wrong, the answer is torch's operators (module docstring)
+        warnings.warn(f"lmforge: CPU kernels unavailable ({_reason(exc)}); using torch's operators", stacklevel=3)
         return False
 
     @torch.library.register_fake("lmforge::small_matmul")

@@ -1,8 +1,13 @@
 """lmforge's decoding kernel (lmforge/kernels.py, csrc/small_matmul.cpp): its products against
-torch's for awkward shapes, when the model's Linear uses it and when it must not, the build's
-fallbacks, and decoding with it against decoding without it."""
+torch's for awkward shapes, when the model's Linear uses it and when it must not, and decoding
+with it against decoding without it. Then every way the kernels can be unavailable (missing
+header, no compiler, unwritable cache, compile error, damaged library, no AVX2), each through
+the real build path: one warning (none when switched off or without AVX2) and torch's numbers."""
 
 from __future__ import annotations
+
+import shutil
+import warnings
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ from helpers import one_thread, token_cache  # noqa: F401  (fixtures are registe
 from lmforge import kernels
 from lmforge.config import ModelConfig
 from lmforge.generate import GenerationConfig, decode_steps
+from lmforge.hardware import CAPABILITY_OVERRIDE
 from lmforge.model import LanguageModel
 from lmforge.model.linear import Linear
 
@@ -96,25 +102,134 @@ def test_greedy_decoding_is_the_same_with_and_without_the_kernel(kernel, monkeyp
     assert with_kernel == without
 
 
-def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setenv("LMFORGE_KERNELS", "0")
-    assert kernels._build() is False
+# --------------------------------------------------------------------------- when they cannot be used
 
 
-def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
+def run_tiny_model() -> tuple[torch.Tensor, list[torch.Tensor], list[list[int]]]:
+    """A tiny model's loss, gradients and greedy continuation: every path a kernel can take
+    (attention and GELU in training, the products and the fused block in decoding)."""
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(vocab_size=40, block_size=32, n_layer=1, n_head=2, n_embd=32, init_std=0.2,
+                                      tie_embeddings=False))
+    ids = torch.randint(0, 40, (2, 16))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    gradients = [parameter.grad for parameter in model.parameters()]
+    config = GenerationConfig(max_new_tokens=8, temperature=0)
+    tokens = [tokens for tokens, _ in decode_steps(model.eval(), [[3, 1, 4], [1, 5]], config)]
+    return loss.detach(), gradients, tokens
+
+
+@pytest.fixture(scope="module")
+def torch_only():
+    """run_tiny_model() with the kernels switched off: what every fallback below must give."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMFORGE_KERNELS", "0")
+        mp.setattr(kernels, "_available", None)
+        return run_tiny_model()
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """The next kernels.available() builds again, on an AVX2 CPU as far as lmforge can tell (on
+    any machine), into an empty cache folder: whatever a test breaks then really is met by _build."""
+    monkeypatch.setattr(kernels, "_available", None)
+    monkeypatch.delenv("LMFORGE_KERNELS", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv(CAPABILITY_OVERRIDE, "AVX2")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
+    return monkeypatch
+
+
+def assert_runs_on_torch(torch_only, warning: str | None) -> None:
+    """The tiny model gives torch_only's numbers exactly, with kernels.available() False and
+    one "CPU kernels unavailable" warning containing `warning` (None: no warning at all)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, gradients, tokens = run_tiny_model()
+    messages = [str(w.message) for w in caught]
+    if warning is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and messages[0].startswith("lmforge: CPU kernels unavailable ("), messages
+        assert warning in messages[0], messages[0]
+    assert kernels.available() is False
+    expected_loss, expected_gradients, expected_tokens = torch_only
+    assert torch.equal(loss, expected_loss) and tokens == expected_tokens
+    assert all(map(torch.equal, gradients, expected_gradients))
+
+
+def keep_only(monkeypatch, tmp_path, names: list[str], replace: str | None = None):
+    """Points kernels at a copy of csrc holding only these files (each replaced by `replace` if given)."""
+    copy = tmp_path / "csrc"
+    copy.mkdir()
+    for name in names:
+        if replace is None:
+            shutil.copy(kernels.CSRC / name, copy / name)
+        else:
+            (copy / name).write_text(replace)
+    monkeypatch.setattr(kernels, "SOURCES", [copy / path.name for path in kernels.SOURCES])
+    monkeypatch.setattr(kernels, "HEADERS", [copy / path.name for path in kernels.HEADERS])
+
+
+def test_sources_without_their_headers(fresh_build, tmp_path, torch_only):
+    """The wheel of the bug report: package-data shipped csrc/*.cpp only, and reading the headers
+    for the cache folder's name raised before anything could catch it."""
+    keep_only(fresh_build, tmp_path, [path.name for path in kernels.SOURCES])
+    assert_runs_on_torch(torch_only, warning="vec_math.h")
+
+
+def test_no_compiler(fresh_build, torch_only):
+    fresh_build.setenv("CXX", "/nonexistent/c++")
+    assert_runs_on_torch(torch_only, warning="no C++ compiler: '/nonexistent/c++' not found")
+
+
+def test_a_cache_folder_that_cannot_be_created(fresh_build, tmp_path, torch_only):
+    """A path under a regular file: mkdir fails even for root, whom permissions would not stop."""
+    (tmp_path / "a-file").write_text("")
+    fresh_build.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "a-file" / "torch_extensions"))
+    assert_runs_on_torch(torch_only, warning="Not a directory")
+
+
+def test_a_compile_error(fresh_build, tmp_path, torch_only):
+    """Sources that do not compile, through torch's builder and the real compiler (every one of
+    them broken, so that ninja stops at once instead of finishing the others' ~40 s)."""
+    if not all(shutil.which(tool) for tool in ("c++", "ninja")):
+        pytest.skip("no C++ compiler or ninja here to fail with")
+    names = [path.name for path in kernels.SOURCES + kernels.HEADERS]
+    keep_only(fresh_build, tmp_path, names, replace="#error deliberately broken for lmforge's tests\n")
+    assert_runs_on_torch(torch_only, warning=": error: ")  # the compiler's own line (on ARM: about -mavx2)
+
+
+def test_a_damaged_library_is_rebuilt_not_loaded(fresh_build, torch_only):
+    """A cached library that does not load (a build killed while linking) sends lmforge to the
+    builder, which here finds no compiler: still one warning, and torch's operators."""
+    folder = kernels._build_directory()
+    folder.mkdir(parents=True)
+    (folder / f"{kernels.LIBRARY}.so").write_bytes(b"not a shared library")
+    fresh_build.setenv("CXX", "/nonexistent/c++")
+    assert_runs_on_torch(torch_only, warning="no C++ compiler")
+
+
+@pytest.mark.parametrize("setting", [("LMFORGE_KERNELS", "0"), (CAPABILITY_OVERRIDE, "DEFAULT"),
+                                     (CAPABILITY_OVERRIDE, "NEON"), (CAPABILITY_OVERRIDE, "SVE256")])
+def test_switched_off_or_no_avx2_is_silent(fresh_build, torch_only, setting):
+    """No build is even tried (it would warn: there is no compiler either), and nothing is said."""
+    fresh_build.setenv(*setting)
+    fresh_build.setenv("CXX", "/nonexistent/c++")
+    assert_runs_on_torch(torch_only, warning=None)
+
+
+def test_a_cached_library_is_loaded_without_the_builder(kernel, monkeypatch):
+    """The cache folder is named by a digest of the code, so its library is loaded as it is: an
+    installed wheel reuses the source tree's build (tests/test_install.py) instead of rebuilding it."""
     import torch.utils.cpp_extension
 
-    def broken_load(*args, **kwargs):
-        raise RuntimeError("Ninja is required to load C++ extensions")
+    def no_builder(*args, **kwargs):
+        raise AssertionError("torch's builder was called for a library already in the cache")
 
-    monkeypatch.delenv("LMFORGE_KERNELS", raising=False)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken_load)
-    monkeypatch.setattr(kernels, "_build_directory", lambda: tmp_path)
-    with pytest.warns(UserWarning, match="Ninja is required"):
-        assert kernels._build() is False
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_builder)
     monkeypatch.setattr(kernels, "_available", None)
-    monkeypatch.setattr(kernels, "_build", lambda: False)
-    layer = Linear(4, 2)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(torch.ones(1, 4)), F.linear(torch.ones(1, 4), layer.weight, layer.bias))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.available() is True
