@@ -300,8 +300,16 @@ def _version() -> str:
     return f"lmforge {__version__}"
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the command line are one line each, like errors: no source line under them."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
     except LmforgeError as exc:

@@ -21,6 +21,7 @@ POSITIONS = ("learned", "sinusoidal", "relative", "rope", "alibi", "none")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
+POOLINGS = ("cls", "mean", "last")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -58,7 +59,8 @@ class ModelConfig:
     scale_attn_by_inverse_layer_idx: bool = False  # GPT-2 option: scores / (layer index + 1)
     scale_embedding: bool = False  # token vectors times sqrt(n_embd) before positions are added (BART option)
     lm_head_bias: bool = False  # a bias on the next-token logits (BART's final_logits_bias)
-    n_labels: int | None = None  # encoder only: classify whole sequences into n labels instead of masked LM
+    n_labels: int | None = None  # classify whole sequences into n labels instead of predicting tokens
+    pooling: str | None = None  # the sequence's vector for classification: cls, mean or last (None: the family's)
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -86,6 +88,11 @@ class ModelConfig:
         return 4 * self.n_embd
 
     @property
+    def pooling_mode(self) -> str:
+        """BERT classifies from [CLS], GPT-2 from the last real token: each family's own default."""
+        return self.pooling or ("cls" if self.arch == "encoder" else "last")
+
+    @property
     def decoder_layers(self) -> int:
         return self.n_decoder_layer or self.n_layer
 
@@ -111,10 +118,15 @@ class ModelConfig:
         if self.position == "sinusoidal" and self.n_embd % 2:
             raise LmforgeError(f"sinusoidal positions need an even n_embd; got {self.n_embd}")
         if self.n_labels is not None:
-            if self.arch != "encoder":
-                raise LmforgeError(f"n_labels (a sequence classifier) needs arch encoder; got {self.arch!r}")
+            if self.arch == "encoder-decoder":
+                raise LmforgeError("n_labels (a sequence classifier) needs arch encoder or decoder; "
+                                   "got 'encoder-decoder'")
             if self.n_labels < 2:
                 raise LmforgeError(f"n_labels must be at least 2; got {self.n_labels}")
+        if self.pooling is not None:
+            _check_choice("pooling", self.pooling, POOLINGS)
+            if self.pooling == "cls" and self.arch != "encoder":
+                raise LmforgeError("pooling cls needs an encoder: a decoder's first token sees nothing after it")
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise LmforgeError(f"{name} must be in [0, 1); got {getattr(self, name)}")

@@ -1,6 +1,6 @@
-"""Sequence classification (BERT's `ForSequenceClassification`): the encoder of `LanguageModel`
-with a `ClassifierHead` in place of the masked-token head, and `build_model`, which picks the
-class a config describes."""
+"""Sequence classification (BERT's and GPT-2's `ForSequenceClassification`): the stack of
+`LanguageModel` with a `ClassifierHead` in place of the token head, and `build_model`, which picks
+the class a config describes."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from lmforge.model.transformer import LanguageModel, ModelOutput
 
 
 class SequenceClassifier(LanguageModel):
-    """One label per sequence, read from the first token ([CLS]). Reuses the encoder, embeddings,
-    initialisation and parameter counts of LanguageModel; only the head and forward differ."""
+    """One label per sequence, from an encoder (BERT's way: [CLS] or the mean) or a decoder (GPT-2's
+    way: the last real token). Reuses the stacks, embeddings, initialisation and parameter counts of
+    LanguageModel; only the head and forward differ."""
 
     def make_head(self, config: ModelConfig) -> ClassifierHead:
         return ClassifierHead(config)
@@ -25,10 +26,14 @@ class SequenceClassifier(LanguageModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        return_logits: bool = True,  # accepted for the Trainer: a label's logits are always small
     ) -> ModelOutput:
         """logits (B, n_labels); labels (B,) give the cross-entropy loss."""
-        hidden = self.encode(input_ids, attention_mask, token_type_ids)
-        logits = self.head(hidden)
+        if self.config.arch == "encoder":
+            hidden = self.encode(input_ids, attention_mask, token_type_ids)
+        else:
+            hidden = self.decode(input_ids, attention_mask)
+        logits = self.head(hidden, attention_mask)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return ModelOutput(logits, loss, hidden)
 

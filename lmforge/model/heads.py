@@ -56,17 +56,37 @@ class MLMHead(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """BERT's sequence classifier: the first token's vector, pooled (dense + tanh), then dropout
-    and one linear layer to the labels. Nothing in it is tied to the vocabulary."""
+    """One vector per sequence (pooling), then the labels' logits. Encoders follow BERT: a
+    pooler (dense + tanh), dropout and a linear layer with bias. Decoders follow GPT-2's `score`:
+    one linear layer without bias on the last real token. Nothing in it is tied to the vocabulary."""
 
     def __init__(self, config):
         super().__init__()
-        self.pool = Linear(config.n_embd, config.n_embd)
+        self.pooling = config.pooling_mode
+        self.pool = Linear(config.n_embd, config.n_embd) if config.arch == "encoder" else None
         self.dropout = nn.Dropout(config.dropout)
-        self.out = Linear(config.n_embd, config.n_labels)
+        self.out = Linear(config.n_embd, config.n_labels, bias=config.arch == "encoder")
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.out(self.dropout(torch.tanh(self.pool(hidden[:, 0]))))
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        vector = pool_sequence(hidden, attention_mask, self.pooling)
+        if self.pool is not None:
+            vector = torch.tanh(self.pool(vector))
+        return self.out(self.dropout(vector))
+
+
+def pool_sequence(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """(B, T, C) → (B, C): the first token, the mean of the real tokens, or the last real token.
+    Padding may sit on either side: the mask says which positions are real."""
+    if how == "cls":
+        return hidden[:, 0]
+    if attention_mask is None:
+        return hidden.mean(1) if how == "mean" else hidden[:, -1]
+    mask = attention_mask.to(hidden.dtype)
+    if how == "mean":
+        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    last = (positions * attention_mask.long()).argmax(1)  # the rightmost real token
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 def vocabulary_loss(head: LMHead | MLMHead, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
