@@ -80,15 +80,22 @@ def cmd_finetune(args) -> int:
     model = options.pop("model", None)
     if model:
         options["init"] = model
+    if options.get("task"):
+        from lmforge.finetune.run import prepare_task_run
+
+        return _train(options, prepare=prepare_task_run)
+    task_flags = sorted(k for k in ("text_column", "text_pair_column", "label_column", "pooling") if k in options)
+    if task_flags:
+        raise LmforgeError(f"{', '.join('--' + k.replace('_', '-') for k in task_flags)} need --task")
     return _train(options, train_defaults=FINETUNE_DEFAULTS, require_init=True)
 
 
-def _train(options: dict, **how) -> int:
+def _train(options: dict, prepare=None, **how) -> int:
     """pretrain and finetune: one run on this process (or this rank of a torchrun job)."""
     from lmforge.train.distributed import shutdown_world
     from lmforge.train.pretrain import prepare_run
 
-    run = prepare_run(options, **how)
+    run = (prepare or prepare_run)(options, **how)
     main = run.trainer.world.is_main  # under torchrun, rank 0 speaks for all
     try:
         if main:
@@ -103,6 +110,12 @@ def _train(options: dict, **how) -> int:
 
 def _print_run_header(run) -> None:
     model, trainer = run.model, run.trainer
+    if trainer.task is not None:  # labelled examples, not a token stream
+        print(run.corpus_summary)
+        print(f"data: {len(trainer.train_store):,} train / {len(trainer.val_store):,} val examples; "
+              f"model: {model.config.arch} classifier, {model.num_parameters() / 1e6:.2f}M parameters")
+        _print_start(run)
+        return
     if run.corpus_summary:
         print(f"corpus: {run.corpus_summary}")
     print(
@@ -117,17 +130,23 @@ def _print_run_header(run) -> None:
     unknown = trainer.train_store.count(unk) / max(len(trainer.train_store), 1) if unk is not None else 0.0
     if unknown >= 0.001:  # a char tokenizer reused on new text (finetune, --tokenizer FILE) maps new characters here
         print(f"note: {unknown:.1%} of the training tokens are unknown to the tokenizer")
+    _print_start(run)
+
+
+def _print_start(run) -> None:
     if run.init and not run.resumed:
         print(f"starting from {run.init}")
     if run.resumed:
-        print(f"resuming at step {trainer.step}")
+        print(f"resuming at step {run.trainer.step}")
 
 
 def _print_summary(summary: dict, run_dir) -> None:
     val = summary.get("val") or {}
     line = f"done: step {summary['step']}"
-    if val:
+    if "perplexity" in val:
         line += f", val loss {val['loss']:.4f}, perplexity {val['perplexity']:.2f}"
+    elif "accuracy" in val:
+        line += f", val accuracy {val['accuracy']:.4f}, macro-F1 {val['macro_f1']:.4f}"
     if summary["skipped_steps"]:
         line += f", {summary['skipped_steps']} non-finite steps skipped"
     print(f"{line}; model folder: {run_dir}")
@@ -191,11 +210,13 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     from lmforge.evaluate.perplexity import evaluate_corpus
-    from lmforge.model_folder import load_model
+    from lmforge.model_folder import load_model, read_task
 
+    if read_task(args.model_dir) is not None:
+        return _eval_task(args)
     model, tokenizer = load_model(args.model_dir)
     if model.config.n_labels:
-        raise LmforgeError(f"{args.model_dir} is a sequence classifier; eval scores language models")
+        raise LmforgeError(f"{args.model_dir} is a sequence classifier with no task.json: no label names to score")
     result = evaluate_corpus(model, tokenizer, args.data, batch_size=args.batch_size, max_batches=args.max_batches)
     if args.json:
         print(json.dumps(result))
@@ -205,6 +226,18 @@ def cmd_eval(args) -> int:
             line += f"  bits/byte {result['bits_per_byte']:.4f}"
         print(f"{line}  ({result['tokens']:,} tokens)")
     return 0
+
+
+def _eval_task(args) -> int:
+    from lmforge.finetune.predict import eval_command
+
+    return eval_command(args)
+
+
+def cmd_predict(args) -> int:
+    from lmforge.finetune.predict import predict_command
+
+    return predict_command(args)
 
 
 def cmd_convert(args) -> int:
@@ -254,8 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_flags(pre)
     pre.set_defaults(func=cmd_pretrain)
 
-    fine = verbs.add_parser("finetune", help="go on training a model folder (lmforge or Hugging Face) on new text")
+    fine = verbs.add_parser("finetune", help="train a model folder (lmforge or Hugging Face) on new text or a task")
     fine.add_argument("--model", help="model folder to start from; its architecture and tokenizer are kept")
+    fine.add_argument("--task", choices=["classify"], help="fine-tune for a labelled task (default: more text)")
+    fine.add_argument("--text-column", help="classify: the text column (default: sentence or text)")
+    fine.add_argument("--text-pair-column", help="classify: the second text of a pair (default: none)")
+    fine.add_argument("--label-column", help="classify: the label column (default: label)")
+    fine.add_argument("--pooling", choices=["cls", "mean", "last"],
+                      help="classify: the sequence's vector (default: cls for encoders, last for decoders)")
     _add_training_flags(fine)
     fine.set_defaults(func=cmd_finetune)
 
@@ -277,13 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile the decode step: ~10%% faster per token, 15-50 s to compile once")
     gen.set_defaults(func=cmd_generate)
 
-    ev = verbs.add_parser("eval", help="held-out loss, perplexity and bits per byte")
+    ev = verbs.add_parser("eval", help="held-out perplexity, or a fine-tuned model's task metrics")
     ev.add_argument("model_dir")
     ev.add_argument("--data", nargs="+", required=True)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-batches", type=int, help="evaluate only this many batches (default: all)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)
+
+    pred = verbs.add_parser("predict", help="a fine-tuned model's predictions (labels and probabilities)")
+    pred.add_argument("model_dir")
+    pred.add_argument("--input", help="a TSV, CSV, JSONL or TXT file of inputs")
+    pred.add_argument("--text", help="one text to classify")
+    pred.add_argument("--text-pair", help="the second text of a pair (with --text)")
+    pred.add_argument("--batch-size", type=int, default=32)
+    pred.add_argument("--json", action="store_true", help="one JSON object per input")
+    pred.set_defaults(func=cmd_predict)
 
     conv = verbs.add_parser("convert", help="convert between Hugging Face and lmforge model folders")
     direction = conv.add_mutually_exclusive_group(required=True)

@@ -1,20 +1,23 @@
 """Model folders: what every stage after training reads, in lmforge's format or Hugging Face's.
 
 An lmforge model folder is `model.safetensors`, `config.json` and `tokenizer.json`, written
-atomically. A Hugging Face folder (GPT-2, BERT, BART) is converted in memory as it loads, so every
-command that loads a model through `load_model` accepts one directly. This module sits below
-train/ (which writes model folders into its checkpoints) and above model/ and interop/.
+atomically, and `task.json` when it was fine-tuned for a task. A Hugging Face folder (GPT-2,
+BERT, BART) is converted in memory as it loads, so every command that loads a model through
+`load_model` accepts one directly. This module sits below train/ (which writes model folders
+into its checkpoints) and above model/ and interop/.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from lmforge.atomic import atomic_write_bytes
+from lmforge.atomic import atomic_write_bytes, atomic_write_text
 from lmforge.errors import LmforgeError
-from lmforge.interop import from_hf, is_hf_folder, to_hf
+from lmforge.interop import from_hf, hf_task, is_hf_folder, to_hf
 
 MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+TASK_FILE = "task.json"  # only in fine-tuned folders
 
 
 def model_state(model, state: dict | None = None) -> dict:
@@ -25,10 +28,12 @@ def model_state(model, state: dict | None = None) -> dict:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def save_model(model, folder: str | Path, tokenizer=None, metadata: dict | None = None, weights=None) -> None:
+def save_model(model, folder: str | Path, tokenizer=None, metadata: dict | None = None, weights=None,
+               task: dict | None = None) -> None:
     """Write a model folder that `load_model` (and `lmforge generate/eval`) accept.
 
-    `weights` replaces model.state_dict() when the caller already gathered it (FSDP)."""
+    `weights` replaces model.state_dict() when the caller already gathered it (FSDP); `task` is
+    what a fine-tuned model is for (task.json, read back by `read_task`)."""
     from safetensors.torch import save
 
     folder = Path(folder)
@@ -38,6 +43,26 @@ def save_model(model, folder: str | Path, tokenizer=None, metadata: dict | None 
     model.config.save(folder / "config.json")
     if tokenizer is not None:
         tokenizer.save(folder / "tokenizer.json")
+    if task is not None:
+        atomic_write_text(folder / TASK_FILE, json.dumps(task, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_task(folder: str | Path) -> dict | None:
+    """What a model folder was fine-tuned for ({"task": "classify", "labels": [...], ...}), or None
+    for a plain language model. A Hugging Face folder says it through its architecture and labels."""
+    folder = Path(folder)
+    if is_hf_folder(folder):
+        return hf_task(folder)
+    path = folder / TASK_FILE
+    if not path.is_file():
+        return None
+    try:
+        task = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise LmforgeError(f"cannot parse {path}: {exc}") from None
+    if not isinstance(task, dict) or "task" not in task:
+        raise LmforgeError(f"{path} must be a JSON object with a \"task\" field")
+    return task
 
 
 def load_model(folder: str | Path, device: str = "cpu"):
@@ -102,5 +127,5 @@ def convert_to_hf(model_dir: str | Path, out_dir: str | Path):
     """A Hugging Face folder from an lmforge model folder; returns the model."""
     out = _fresh_output(out_dir, Path(model_dir))
     model, tokenizer = load_model(model_dir)
-    to_hf(model, tokenizer, out)
+    to_hf(model, tokenizer, out, task=read_task(model_dir))
     return model

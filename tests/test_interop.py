@@ -503,9 +503,12 @@ def test_export_refuses_what_the_family_cannot_express(options, field, tmp_path)
         to_hf(LanguageModel(config), None, tmp_path)
 
 
-def test_n_labels_needs_an_encoder():
-    with pytest.raises(LmforgeError, match="n_labels"):
-        ModelConfig(arch="decoder", n_labels=3)
+def test_n_labels_needs_an_encoder_or_a_decoder():
+    with pytest.raises(LmforgeError, match="n_labels .* needs arch encoder or decoder; got 'encoder-decoder'"):
+        ModelConfig(arch="encoder-decoder", n_labels=3)
+    assert ModelConfig(arch="decoder", n_labels=3).pooling_mode == "last"
+    with pytest.raises(LmforgeError, match="pooling cls needs an encoder"):
+        ModelConfig(arch="decoder", n_labels=3, pooling="cls")
 
 
 # =========================================================================== CLI and load_model

@@ -10,6 +10,6 @@ converts folder to folder). Nothing here imports
 `transformers`.
 """
 
-from lmforge.interop.hf import from_hf, is_hf_folder, to_hf
+from lmforge.interop.hf import from_hf, hf_task, is_hf_folder, to_hf
 
-__all__ = ["from_hf", "is_hf_folder", "to_hf"]
+__all__ = ["from_hf", "hf_task", "is_hf_folder", "to_hf"]

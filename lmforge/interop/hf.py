@@ -48,6 +48,19 @@ def is_hf_folder(path: str | Path) -> bool:
     return isinstance(data, dict) and ("model_type" in data or "architectures" in data)
 
 
+def hf_task(folder: str | Path) -> dict | None:
+    """The task a Hugging Face folder was trained for, in lmforge's task.json terms: its
+    `...ForSequenceClassification` labels (id2label), read through the tokenizer's own template."""
+    data = _read_json(Path(folder) / "config.json")
+    architecture = (data.get("architectures") or [""])[0]
+    if not architecture.endswith("ForSequenceClassification"):
+        return None
+    id2label = data.get("id2label") or {}
+    count = len(id2label) or int(data.get("num_labels", 2))
+    labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(count)]
+    return {"task": "classify", "labels": labels, "template": "tokenizer"}
+
+
 # ---------------------------------------------------------------- reading
 
 
@@ -156,9 +169,10 @@ def _tokenizer_config(tokenizer: Tokenizer, config: ModelConfig) -> dict:
     return out
 
 
-def to_hf(model, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
+def to_hf(model, tokenizer: Tokenizer | None, out_dir: str | Path, task: dict | None = None) -> Path:
     """Write `model` (and its tokenizer) as a Hugging Face folder: config.json, model.safetensors,
-    generation_config.json for generative families, tokenizer.json + tokenizer_config.json."""
+    generation_config.json for generative families, tokenizer.json + tokenizer_config.json. A
+    classifier's label names (task.json) become its id2label."""
     from safetensors.torch import save
 
     config = model.config
@@ -171,6 +185,9 @@ def to_hf(model, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
     else:
         token_ids.pop("decoder_start_token_id")
     hf_config.update(token_ids)
+    if config.n_labels and task and task.get("labels"):
+        hf_config["id2label"] = {str(i): str(name) for i, name in enumerate(task["labels"])}
+        hf_config["label2id"] = {str(name): i for i, name in enumerate(task["labels"])}
     params = list(family.params(config))
     unmapped = _unmapped(model, params)
     if unmapped:

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from lmforge.atomic import UMASK, atomic_copy, atomic_write_bytes, fsync_dir
-from lmforge.model_folder import MODEL_FILES, save_model
+from lmforge.model_folder import MODEL_FILES, TASK_FILE, save_model
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
@@ -29,7 +29,8 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(
-    run_dir: str | Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2, weights=None
+    run_dir: str | Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2, weights=None,
+    task: dict | None = None,
 ) -> Path:
     """Write checkpoints/step-N as a whole (temporary folder, then one rename), then point the run
     folder's top-level model files at it, then drop old checkpoints beyond `keep`."""
@@ -40,7 +41,7 @@ def save_checkpoint(
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=_mkdir(root)))
     tmp.chmod(0o777 & ~UMASK)
-    save_model(model, tmp, tokenizer, metadata={"step": step}, weights=weights)
+    save_model(model, tmp, tokenizer, metadata={"step": step}, weights=weights, task=task)
     buffer = io.BytesIO()
     torch.save(trainer_state, buffer)
     atomic_write_bytes(tmp / TRAINER_STATE, buffer.getvalue())
@@ -48,7 +49,7 @@ def save_checkpoint(
         _remove_folder(final)
     os.replace(tmp, final)
     fsync_dir(root)
-    for name in MODEL_FILES:
+    for name in MODEL_FILES + ((TASK_FILE,) if task is not None else ()):
         atomic_copy(final / name, run_dir / name)
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         _remove_folder(old)

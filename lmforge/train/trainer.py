@@ -88,9 +88,7 @@ class Trainer:
         self.seq_len = block = config.seq_len or model.config.block_size
         if block > model.config.block_size:
             raise LmforgeError(f"seq_len {block} is longer than the model's block_size {model.config.block_size}")
-        self.sampler = WindowSampler(train_store, block, config.batch_size, config.seed,
-                                     self.world.rank, self.world.world_size)
-        WindowSampler(val_store, block, 1, config.seed)  # same one-line error for a too-short val split
+        self.sampler = self.make_sampler()
         self.generator = torch.Generator().manual_seed(config.seed + 1 + self.world.rank)  # masking noise
         self.device = self.world.device
         model.to(self.device)
@@ -108,6 +106,23 @@ class Trainer:
             if stack is not None:
                 stack.checkpoint_blocks = config.activation_checkpointing
         self.tokens_per_step = config.batch_size * config.grad_accum * block * self.world.world_size
+        self.task: dict | None = None  # a fine-tuned task's metadata (task.json), saved with every checkpoint
+
+    def make_sampler(self):
+        """The training batches' source; a task trainer (finetune/) draws labelled examples instead."""
+        WindowSampler(self.val_store, self.seq_len, 1, self.config.seed)  # one-line error for a too-short val split
+        return WindowSampler(self.train_store, self.seq_len, self.config.batch_size, self.config.seed,
+                             self.world.rank, self.world.world_size)
+
+    def next_batch(self) -> dict:
+        """The model's keyword arguments for one micro-batch, labels included."""
+        x, y = self.sampler.next_batch()
+        return self.objective.batch(x, y, self.generator)
+
+    @staticmethod
+    def headline(result: dict) -> tuple[str, str]:
+        """The validation figure the progress bar shows: (short name, formatted value)."""
+        return "val_ppl", f"{result['perplexity']:.2f}"
 
     # -- one optimisation step ------------------------------------------------------------
     def train_step(self) -> dict:
@@ -119,8 +134,7 @@ class Trainer:
             group["lr"] = lr
         total, finite, accum = 0.0, True, self.config.grad_accum
         for micro in range(accum):
-            x, y = self.sampler.next_batch()
-            batch = {k: v.to(self.device) for k, v in self.objective.batch(x, y, self.generator).items()}
+            batch = {k: v.to(self.device) for k, v in self.next_batch().items()}
             with no_sync(self.wrapped, sync=micro == accum - 1):  # all-reduce once, on the last
                 with self.autocast:
                     loss = self._run(batch).loss / accum
@@ -191,7 +205,7 @@ class Trainer:
         if not self.world.is_main:
             return None
         return save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.state_dict(optimizer_state),
-                               self.config.keep_checkpoints, weights=weights)
+                               self.config.keep_checkpoints, weights=weights, task=self.task)
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint; False (and a clean log) if there is none.
@@ -274,14 +288,14 @@ class Trainer:
                                "grad_norm": result["grad_norm"], "tokens_per_s": tokens_per_s,
                                "skipped_total": self.bad_steps})
                 bar.set_postfix(loss=f"{train_loss:.3f}" if window_n else "-", tok_s=f"{tokens_per_s:,.0f}",
-                                **({"val_ppl": f"{last_eval['perplexity']:.2f}"} if last_eval else {}))
+                                **dict([self.headline(last_eval)] if last_eval else []))
                 window_loss, window_n = 0.0, 0
             if self.step % config.eval_every == 0 or self.step == config.max_steps:
                 last_eval = self.evaluate()  # every rank: a sharded model evaluates collectively
                 self.log_main({"step": self.step, "split": "val", **last_eval})
                 if main:
-                    bar.write(f"step {self.step}: val loss {last_eval['loss']:.4f}, "
-                              f"perplexity {last_eval['perplexity']:.2f}")
+                    figures = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
+                    bar.write(f"step {self.step}: val {figures}")
             if self.step % config.save_every == 0 or self.step == end:
                 self.save()
             bar.update(1)

@@ -1,0 +1,245 @@
+"""Sequence classification: labelled texts (or text pairs) → token ids → batches → accuracy, F1.
+
+How a text becomes ids is the model folder's `template` (task.json):
+- "tokenizer": the tokenizer's own post-processor, as transformers uses it (BERT's
+  `[CLS] a [SEP] b [SEP]` with segment ids 0/1; GPT-2 adds nothing). Chosen when the tokenizer
+  has such a template, and for Hugging Face classifiers used as they are.
+- "lmforge": for tokenizers without one (lmforge's own): an encoder reads
+  `<start> a <eos> [b <eos>]` (start: bos if the tokenizer has one, else eos), so [CLS]-pooling
+  has a token of its own; a decoder reads `a <eos> [b <eos>]`, so its last token has seen all.
+Inputs longer than the model's block are cut, the longer side of a pair first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.finetune.tabular import Row, Skipped, pick_column
+
+TEXT_COLUMNS = ("sentence", "text", "sentence1", "question")
+PAIR_COLUMNS = ("text_pair", "sentence2", "hypothesis")
+LABEL_COLUMNS = ("label", "labels")
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    token_type_ids: list[int]
+    label: int  # index into the task's labels; -1 when unknown (prediction)
+
+
+def has_template(tokenizer) -> bool:
+    processor = tokenizer.inner.post_processor
+    return processor is not None and processor.num_special_tokens_to_add(False) > 0
+
+
+def encode(tokenizer, texts: list[str], pairs: list[str] | None, max_len: int, arch: str,
+           template: str) -> list[tuple[list[int], list[int]]]:
+    """(input ids, segment ids) for each text (and its pair), at most max_len tokens."""
+    inner = tokenizer.inner
+    firsts = inner.encode_batch_fast(texts, add_special_tokens=False)
+    seconds = inner.encode_batch_fast(pairs, add_special_tokens=False) if pairs is not None else [None] * len(texts)
+    out = []
+    for a, b in zip(firsts, seconds, strict=True):
+        if template == "tokenizer":
+            n_special = inner.post_processor.num_special_tokens_to_add(b is not None) if inner.post_processor else 0
+        else:
+            n_special = (2 if arch == "encoder" else 1) + (b is not None)
+        keep_a, keep_b = _fit(len(a.ids), None if b is None else len(b.ids), max_len - n_special)
+        if template == "tokenizer":
+            a.truncate(keep_a)
+            if b is not None:
+                b.truncate(keep_b)
+            done = inner.post_processor.process(a, b, add_special_tokens=True) if inner.post_processor else a
+            out.append((list(done.ids), list(done.type_ids)))
+        else:
+            out.append(_lmforge_template(tokenizer, a.ids[:keep_a], None if b is None else b.ids[:keep_b], arch))
+    return out
+
+
+def _fit(len_a: int, len_b: int | None, budget: int) -> tuple[int, int | None]:
+    """How many tokens of each side to keep: the longer side gives way first."""
+    if budget < 2:
+        raise LmforgeError(f"the model's block is too short for its special tokens (room for {budget} tokens)")
+    if len_b is None:
+        return min(len_a, budget), None
+    while len_a + len_b > budget:
+        if len_a >= len_b:
+            len_a -= 1
+        else:
+            len_b -= 1
+    return len_a, len_b
+
+
+def _lmforge_template(tokenizer, a: list[int], b: list[int] | None, arch: str) -> tuple[list[int], list[int]]:
+    eos = tokenizer.eos_id
+    if eos is None:
+        raise LmforgeError("the tokenizer has no end-of-text token to separate and close the inputs")
+    start = [tokenizer.bos_id if tokenizer.bos_id is not None else eos] if arch == "encoder" else []
+    ids = start + a + [eos]
+    types = [0] * len(ids)
+    if b is not None:
+        ids += b + [eos]
+        types += [1] * (len(b) + 1)
+    return ids, types
+
+
+# ---------------------------------------------------------------- rows → examples
+
+
+@dataclass
+class Columns:
+    text: str
+    pair: str | None
+    label: str | None
+
+
+def find_columns(rows: list[Row], path, text=None, pair=None, label=None, need_label=True) -> Columns:
+    """The text, optional pair and label columns: the ones named, else the common names."""
+    columns = Columns(pick_column(rows, text, TEXT_COLUMNS, "text", path),
+                      pick_column(rows, pair, PAIR_COLUMNS, "text pair", path),
+                      pick_column(rows, label, LABEL_COLUMNS, "label", path))
+    if columns.text is None:
+        raise LmforgeError(f"{path}: no text column (looked for {', '.join(TEXT_COLUMNS)}); name it with --text-column")
+    if need_label and columns.label is None:
+        raise LmforgeError(f"{path}: no label column (looked for {', '.join(LABEL_COLUMNS)}); "
+                           "name it with --label-column")
+    return columns
+
+
+def label_key(value) -> str | None:
+    """Labels compare as text ('1', 1 and 1.0 are one label); blank means missing."""
+    if value is None or isinstance(value, bool):
+        return None if value is None else str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def label_names(rows: list[Row], column: str) -> list[str]:
+    """The task's labels, as the training data spells them: numbers in numeric order, else sorted."""
+    names = {key for row in rows if (key := label_key(row.fields.get(column))) is not None}
+    if all(name.lstrip("-").isdigit() for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def build_examples(rows: list[Row], columns: Columns, labels: list[str], tokenizer, max_len: int, arch: str,
+                   template: str, path) -> tuple[list[Example], Skipped]:
+    """Examples for the rows that have a text and a known label; the others are counted by reason."""
+    index = {name: i for i, name in enumerate(labels)}
+    skipped, kept = Skipped(str(path)), []
+    for row in rows:
+        text = row.fields.get(columns.text)
+        key = label_key(row.fields.get(columns.label)) if columns.label else None
+        if not isinstance(text, str) or not text.strip():
+            skipped.add("no text", row.line)
+        elif columns.label and key is None:
+            skipped.add("no label", row.line)
+        elif columns.label and key not in index:
+            skipped.add(f"a label the model does not know ({key!r})", row.line)
+        else:
+            kept.append((row, index[key] if columns.label else -1))
+    pairs = [str(row.fields.get(columns.pair) or "") for row, _ in kept] if columns.pair else None
+    encoded = encode(tokenizer, [row.fields[columns.text] for row, _ in kept], pairs, max_len, arch, template)
+    examples = [Example(ids, types, label) for (ids, types), (_, label) in zip(encoded, kept, strict=True)]
+    return examples, skipped
+
+
+# ---------------------------------------------------------------- batches
+
+
+def collate(examples: list[Example], pad_id: int, with_segments: bool) -> dict:
+    """Right-padded tensors: a classifier pools by the attention mask, so padding sits anywhere."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    segments = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        mask[row, :n] = 1
+        segments[row, :n] = torch.tensor(example.token_type_ids)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e.label for e in examples])}
+    if with_segments:
+        batch["token_type_ids"] = segments
+    return batch
+
+
+class ExampleSampler:
+    """Shuffled passes over the examples, a fresh permutation per epoch, reproducible from
+    (seed, epoch, position): what a checkpoint stores to resume mid-epoch. Under torchrun each
+    rank takes its share of every global batch."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int, with_segments: bool,
+                 rank: int = 0, world_size: int = 1):
+        if not examples:
+            raise LmforgeError("no usable training examples")
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.pad_id, self.with_segments, self.rank, self.world_size = pad_id, with_segments, rank, world_size
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(len(self.examples), generator=generator).tolist()
+
+    def next_batch(self) -> dict:
+        global_batch = self.batch_size * self.world_size
+        picked = []
+        while len(picked) < global_batch:
+            if self.position >= len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
+            take = self._order[self.position:self.position + global_batch - len(picked)]
+            picked += take
+            self.position += len(take)
+        mine = picked[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return collate([self.examples[i] for i in mine], self.pad_id, self.with_segments)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation()
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def class_probabilities(model, examples: list[Example], batch_size: int, pad_id: int) -> torch.Tensor:
+    """(N, n_labels) softmax probabilities, in the examples' order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with_segments = model.config.type_vocab_size > 0
+    chunks = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad_id, with_segments)
+        batch.pop("labels")
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        chunks.append(torch.softmax(logits.float(), dim=-1).cpu())
+    model.train(was_training)
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.config.n_labels)
+
+
+def score(model, examples: list[Example], batch_size: int, pad_id: int) -> dict:
+    """Loss, accuracy and macro-F1 of the model on labelled examples."""
+    from lmforge.evaluate.metrics import accuracy, macro_f1
+
+    if not examples:
+        raise LmforgeError("no labelled examples to score")
+    probabilities = class_probabilities(model, examples, batch_size, pad_id)
+    references = [e.label for e in examples]
+    predictions = probabilities.argmax(-1).tolist()
+    picked = probabilities[torch.arange(len(examples)), torch.tensor(references)]
+    loss = float(-picked.clamp(min=1e-12).log().mean())
+    return {"loss": loss, "accuracy": accuracy(predictions, references),
+            "macro_f1": macro_f1(predictions, references),
+            "examples": len(examples)}

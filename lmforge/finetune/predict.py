@@ -1,0 +1,128 @@
+"""Using a fine-tuned model folder: `lmforge predict` and `lmforge eval` on task models.
+
+The folder's task.json says what the model is for and how its inputs are built, so the same
+texts become the same ids here as during fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from lmforge.errors import LmforgeError
+from lmforge.finetune import classify
+from lmforge.finetune.tabular import Row, read_rows
+from lmforge.model_folder import load_model, read_task
+
+BATCH_SIZE = 32
+
+
+def load_task_model(folder):
+    """(model, tokenizer, task) of a fine-tuned folder; a plain language model is an error."""
+    task = read_task(folder)
+    if task is None:
+        raise LmforgeError(f"{folder} is a language model with no task; fine-tune it with --task, "
+                           "or use generate / eval --data TEXT")
+    model, tokenizer = load_model(folder)
+    if task["task"] == "classify" and model.config.n_labels != len(task["labels"]):
+        raise LmforgeError(f"{folder}: task.json names {len(task['labels'])} labels but the model has "
+                           f"{model.config.n_labels}")
+    return model, tokenizer, task
+
+
+def classify_texts(model, tokenizer, task: dict, texts: list[str], pairs: list[str] | None = None,
+                   batch_size: int = BATCH_SIZE) -> list[list[dict]]:
+    """For each text, every label with its probability, most likely first (the shape of
+    transformers' text-classification pipeline with top_k=None)."""
+    encoded = classify.encode(tokenizer, texts, pairs, model.config.block_size, model.config.arch, task["template"])
+    examples = [classify.Example(ids, types, -1) for ids, types in encoded]
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    probabilities = classify.class_probabilities(model, examples, batch_size, pad_id)
+    results = []
+    for row in probabilities.tolist():
+        ranked = sorted(range(len(row)), key=lambda i: (-row[i], i))
+        results.append([{"label": task["labels"][i], "score": row[i]} for i in ranked])
+    return results
+
+
+def predict_file(model, tokenizer, task: dict, path, batch_size: int = BATCH_SIZE) -> list[dict]:
+    """Predictions for every row of a TSV/CSV/JSONL/TXT file (labels, if present, are ignored)."""
+    rows = read_rows(path)
+    if not rows:
+        raise LmforgeError(f"{path} has no rows")
+    columns = classify.find_columns(rows, path, task.get("text_column"), task.get("text_pair_column"),
+                                    need_label=False)
+    texts, pairs = _texts(rows, columns, path)
+    scores = classify_texts(model, tokenizer, task, texts, pairs, batch_size)
+    return [{"line": row.line, "text": text, **({"text_pair": pairs[i]} if pairs else {}), "label": s[0]["label"],
+             "scores": s} for i, (row, text, s) in enumerate(zip(rows, texts, scores, strict=True))]
+
+
+def _texts(rows: list[Row], columns: classify.Columns, path) -> tuple[list[str], list[str] | None]:
+    texts = []
+    for row in rows:
+        text = row.fields.get(columns.text)
+        if not isinstance(text, str):
+            raise LmforgeError(f"{path}, line {row.line}: no text in column {columns.text!r}")
+        texts.append(text)
+    pairs = [str(row.fields.get(columns.pair) or "") for row in rows] if columns.pair else None
+    return texts, pairs
+
+
+def evaluate_file(model, tokenizer, task: dict, paths: list[str], batch_size: int = BATCH_SIZE) -> dict:
+    """A classifier's accuracy and macro-F1 on labelled files; rows it cannot score are counted."""
+    examples, notes = [], []
+    for path in paths:
+        rows = read_rows(path)
+        columns = classify.find_columns(rows, path, task.get("text_column"), task.get("text_pair_column"),
+                                        task.get("label_column"))
+        found, skipped = classify.build_examples(rows, columns, task["labels"], tokenizer, model.config.block_size,
+                                                 model.config.arch, task["template"], path)
+        examples += found
+        if skipped.count:
+            notes.append(skipped.summary())
+    if not examples:
+        raise LmforgeError("; ".join(notes) or "no labelled rows to score")
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    return {**classify.score(model, examples, batch_size, pad_id), "skipped": notes}
+
+
+def eval_command(args) -> int:
+    """`lmforge eval MODEL_DIR --data FILE` on a fine-tuned folder: its task's metrics."""
+    model, tokenizer, task = load_task_model(args.model_dir)
+    result = evaluate_file(model, tokenizer, task, args.data, batch_size=args.batch_size)
+    for note in result["skipped"]:
+        print(f"note: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  loss {result['loss']:.4f}  "
+              f"({result['examples']:,} examples)")
+    return 0
+
+
+def predict_command(args) -> int:
+    """`lmforge predict MODEL_DIR (--input FILE | --text TEXT [--text-pair TEXT]) [--json]`."""
+    if (args.input is None) == (args.text is None):
+        raise LmforgeError("give exactly one of --input FILE or --text TEXT")
+    if args.text_pair is not None and args.text is None:
+        raise LmforgeError("--text-pair goes with --text")
+    if args.batch_size < 1:
+        raise LmforgeError(f"--batch-size must be at least 1; got {args.batch_size}")
+    model, tokenizer, task = load_task_model(args.model_dir)
+    if task["task"] != "classify":
+        raise LmforgeError(f"predict does not know task {task['task']!r} yet")
+    if args.input is not None:
+        results = predict_file(model, tokenizer, task, args.input, args.batch_size)
+    else:
+        pairs = [args.text_pair] if args.text_pair is not None else None
+        scores = classify_texts(model, tokenizer, task, [args.text], pairs)[0]
+        results = [{"text": args.text, **({"text_pair": args.text_pair} if pairs else {}),
+                    "label": scores[0]["label"], "scores": scores}]
+    for result in results:
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False))
+        else:
+            ranked = "  ".join(f"{s['label']} {s['score']:.4f}" for s in result["scores"])
+            print(f"{result['label']}\t{ranked}")
+    return 0

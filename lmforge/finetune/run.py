@@ -1,0 +1,196 @@
+"""`lmforge finetune --task classify`: a model folder plus labelled rows → a fine-tuned model folder.
+
+The run uses the same Trainer as pretraining (checkpoints, exact resume, torchrun, progress),
+through `TaskTrainer`, which draws labelled examples instead of token windows and scores
+accuracy and macro-F1 instead of perplexity. The run folder remembers its task in task.json
+(labels, columns, how texts become ids), which `predict` and `eval` read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from lmforge.atomic import atomic_write_text
+from lmforge.config import ModelConfig, TrainConfig
+from lmforge.errors import LmforgeError
+from lmforge.finetune import classify
+from lmforge.finetune.tabular import Row, read_rows
+from lmforge.model import build_model
+from lmforge.model_folder import load_model, read_task
+from lmforge.tokenize import Tokenizer
+from lmforge.train.checkpoint import checkpoint_dirs
+from lmforge.train.distributed import init_world
+from lmforge.train.pretrain import FINETUNE_DEFAULTS, Run, _as_list, _read_json
+from lmforge.train.trainer import Trainer
+
+TASKS = ("classify",)
+RUN_FIELDS = {"task", "init", "data", "val_data", "out", "resume", "text_column", "text_pair_column", "label_column"}
+MODEL_FIELDS = {"dropout", "attn_dropout", "pooling"}  # what a task run may change about its start model
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+# A labelled task sees each example many times: a larger batch, and the fine-tuning schedule.
+CLASSIFY_DEFAULTS = {**FINETUNE_DEFAULTS, "batch_size": 32}
+
+
+class TaskTrainer(Trainer):
+    """The Trainer, fed labelled examples and judged by accuracy (higher is better)."""
+
+    def __init__(self, model, config, train_examples, val_examples, run_dir, tokenizer, task: dict, world=None):
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        super().__init__(model, config, train_examples, val_examples, run_dir, tokenizer,
+                         objective="classify", world=world)
+        self.task = task
+        mean_length = sum(len(e.input_ids) for e in train_examples) / len(train_examples)
+        self.tokens_per_step = round(config.batch_size * config.grad_accum * mean_length * self.world.world_size)
+
+    def make_sampler(self):
+        return classify.ExampleSampler(self.train_store, self.config.batch_size, self.config.seed, self.pad_id,
+                                       self.model.config.type_vocab_size > 0, self.world.rank, self.world.world_size)
+
+    def next_batch(self) -> dict:
+        return self.sampler.next_batch()
+
+    def evaluate(self, max_batches: int | None = None, full: bool = False) -> dict:
+        return classify.score(self.model, self.val_store, self.config.batch_size, self.pad_id)
+
+    @staticmethod
+    def headline(result: dict) -> tuple[str, str]:
+        return "val_acc", f"{result['accuracy']:.3f}"
+
+
+def _split(options: dict, init: str | None) -> tuple[dict, dict, dict]:
+    options = {k.replace("-", "_"): v for k, v in options.items() if v is not None}
+    unknown = sorted(set(options) - RUN_FIELDS - MODEL_FIELDS - TRAIN_FIELDS)
+    fixed = sorted(k for k in unknown if k in {f.name for f in fields(ModelConfig)} or k in ("tokenizer", "vocab_size"))
+    if fixed:
+        raise LmforgeError(f"the model and tokenizer come from {init or '--model'}; drop {', '.join(fixed)}")
+    if unknown:
+        raise LmforgeError(f"unknown option(s): {', '.join(unknown)}")
+    run = {k: v for k, v in options.items() if k in RUN_FIELDS}
+    return run, {k: v for k, v in options.items() if k in MODEL_FIELDS}, {k: v for k, v in options.items()
+                                                                          if k in TRAIN_FIELDS}
+
+
+def read_labelled(paths: list[str]) -> list[tuple[str, list[Row]]]:
+    return [(path, read_rows(path)) for path in paths]
+
+
+def prepare_task_run(options: dict) -> Run:
+    """Build (or rebuild, with resume) a task fine-tuning run; nothing is trained yet."""
+    run_opts, model_opts, train_opts = _split(options, options.get("init"))
+    if run_opts.get("task") not in TASKS:
+        raise LmforgeError(f"--task must be one of {', '.join(TASKS)}; got {run_opts.get('task')!r}")
+    if not run_opts.get("out"):
+        raise LmforgeError("--out is required: the run folder to write")
+    out = Path(run_opts["out"])
+    resume, has_checkpoint = bool(run_opts.get("resume")), bool(checkpoint_dirs(out))
+    if has_checkpoint and not resume:
+        raise LmforgeError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    restart = resume and (has_checkpoint or (out / "run.json").is_file())
+    saved = _read_json(out / "run.json") if restart else {}
+    if restart and saved.get("task") != run_opts["task"]:
+        raise LmforgeError(f"{out} holds no {run_opts['task']} run to resume")
+    for key in ("init", "data", "val_data", "text_column", "text_pair_column", "label_column"):
+        run_opts.setdefault(key, saved.get(key))
+    init = run_opts.get("init")
+    if not init:
+        raise LmforgeError("--model is required: the model folder (lmforge or Hugging Face) to start from")
+    if not restart and Path(init).resolve() == out.resolve():
+        raise LmforgeError("--out must not be the --model folder: the run would overwrite the model it starts from")
+    train_paths = _as_list(run_opts.get("data"))
+    if not train_paths:
+        raise LmforgeError("--data is required: a TSV, CSV or JSONL file of labelled rows")
+    train_opts = {**(_read_json(out / "train_config.json") if restart else CLASSIFY_DEFAULTS), **train_opts}
+    train_config = TrainConfig.from_dict(train_opts)
+
+    world = init_world()
+    torch.manual_seed(train_config.seed)
+    if has_checkpoint:  # the weights come from the checkpoint (Trainer.resume)
+        task, tokenizer = read_task(out), Tokenizer.load(out / "tokenizer.json")
+        config = ModelConfig.from_dict({**_read_json(out / "config.json"), **model_opts})
+        model = build_model(config)
+    else:
+        model, tokenizer, task = _start_model(init, model_opts, train_paths, run_opts)
+    train_rows = read_labelled(train_paths)
+    val_paths = _as_list(run_opts.get("val_data"))
+    val_rows = read_labelled(val_paths) if val_paths else None
+    train, val, notes = _examples(train_rows, val_rows, task, tokenizer, model.config, train_config)
+    trainer = TaskTrainer(model, train_config, train, val, out, tokenizer, task, world=world)
+    resumed = trainer.resume() if resume else False
+    if not resume:
+        trainer.forget_metrics_after(0)
+    summary = "\n".join([*(f"note: {note}" for note in notes), f"labels: {', '.join(task['labels'])}"])
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        model.config.save(out / "config.json")
+        tokenizer.save(out / "tokenizer.json")
+        atomic_write_text(out / "task.json", json.dumps(task, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(out / "train_config.json", json.dumps(train_config.to_dict(), indent=2) + "\n")
+        record = {key: run_opts.get(key) for key in ("task", "text_column", "text_pair_column", "label_column")}
+        record.update(init=os.path.abspath(init), data=[os.path.abspath(p) for p in train_paths],
+                      val_data=[os.path.abspath(p) for p in val_paths] or None)
+        atomic_write_text(out / "run.json", json.dumps(record, indent=2) + "\n")  # last: the folder is ready
+    return Run(trainer, model, tokenizer, resumed, summary, init)
+
+
+def _start_model(init: str, model_opts: dict, train_paths: list[str], run_opts: dict):
+    """The classifier a new run starts from: the folder's stack and tokenizer, with a fresh head
+    for the training data's labels (or the folder's own head, if it already classifies these)."""
+    base, tokenizer = load_model(init)
+    if base.config.arch == "encoder-decoder":
+        raise LmforgeError(f"{init} is an encoder-decoder; classification needs an encoder or a decoder")
+    base_task = read_task(init) or {}
+    first_path, first_rows = read_labelled(train_paths[:1])[0]
+    columns = classify.find_columns(first_rows, first_path, run_opts.get("text_column"),
+                                    run_opts.get("text_pair_column"), run_opts.get("label_column"))
+    if base_task.get("task") == "classify":
+        labels = list(base_task["labels"])
+    else:
+        labels = classify.label_names([r for _, rows in read_labelled(train_paths) for r in rows], columns.label)
+    if len(labels) < 2:
+        raise LmforgeError(f"{first_path}: classification needs at least two labels; found {labels}")
+    template = base_task.get("template") or ("tokenizer" if classify.has_template(tokenizer) else "lmforge")
+    config = ModelConfig.from_dict({**base.config.to_dict(), "n_labels": len(labels), **model_opts})
+    model = build_model(config)
+    keep_head = base.config.n_labels == len(labels)
+    state = {k: v for k, v in base.state_dict().items() if keep_head or not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
+    task = {"task": "classify", "labels": labels, "template": template}  # columns: as given, else found per file
+    task.update({key: run_opts.get(key) for key in ("text_column", "text_pair_column", "label_column")})
+    return model, tokenizer, task
+
+
+def _examples(train_rows, val_rows, task: dict, tokenizer, config: ModelConfig, train_config: TrainConfig):
+    """Train and validation examples (a seeded share of the training rows when no --val-data),
+    and one note per file that had rows to skip. No usable row at all is an error."""
+
+    def build(path, rows):
+        columns = classify.find_columns(rows, path, task.get("text_column"), task.get("text_pair_column"),
+                                        task.get("label_column"))
+        return classify.build_examples(rows, columns, task["labels"], tokenizer, config.block_size, config.arch,
+                                       task["template"], path)
+
+    notes, built = [], {}
+    for split, files in (("train", train_rows), ("val", val_rows or [])):
+        examples = []
+        for path, rows in files:
+            found, skipped = build(path, rows)
+            examples += found
+            if skipped.count:
+                notes.append(skipped.summary())
+        if files and not examples:
+            raise LmforgeError("; ".join(notes) or f"no {split} rows") from None
+        built[split] = examples
+    train, val = built["train"], built["val"]
+    if not val_rows:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(train_config.seed)).tolist()
+        n_val = max(1, int(len(train) * train_config.val_fraction))
+        if len(train) - n_val < 1:
+            raise LmforgeError(f"only {len(train)} usable rows: too few to hold some out; give --val-data")
+        val, train = [train[i] for i in order[:n_val]], [train[i] for i in order[n_val:]]
+    return train, val, notes
