@@ -322,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-batches", type=int, help="evaluate only this many batches (default: all)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    for flag in ("--text-column", "--text-pair-column", "--label-column"):
+        ev.add_argument(flag, help="a fine-tuned classifier's data: this column (default: the task's, or common names)")
     ev.set_defaults(func=cmd_eval)
 
     pred = verbs.add_parser("predict", help="a fine-tuned model's predictions (labels and probabilities)")

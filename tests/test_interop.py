@@ -555,10 +555,10 @@ def test_cli_generate_and_eval_accept_an_hf_folder(gpt2, gpt2_tok, tmp_path, cap
     assert json.loads(capsys.readouterr().out)["tokens"] > 0
 
 
-def test_cli_eval_refuses_a_classifier_in_one_line(bert_cls, tmp_path, capsys):
+def test_cli_eval_of_a_classifier_needs_labelled_rows(bert_cls, tmp_path, capsys):
     (tmp_path / "text.txt").write_text(TEXTS[0])
     assert main(["eval", str(bert_cls[1]), "--data", str(tmp_path / "text.txt")]) == 2
-    assert "sequence classifier" in capsys.readouterr().err
+    assert "no label column (looked for label, labels); name it with --label-column" in capsys.readouterr().err
 
 
 def test_transformers_is_not_imported_by_lmforge():

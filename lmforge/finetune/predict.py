@@ -90,6 +90,8 @@ def evaluate_file(model, tokenizer, task: dict, paths: list[str], batch_size: in
 def eval_command(args) -> int:
     """`lmforge eval MODEL_DIR --data FILE` on a fine-tuned folder: its task's metrics."""
     model, tokenizer, task = load_task_model(args.model_dir)
+    given = {key: getattr(args, key, None) for key in ("text_column", "text_pair_column", "label_column")}
+    task = {**task, **{key: value for key, value in given.items() if value}}
     result = evaluate_file(model, tokenizer, task, args.data, batch_size=args.batch_size)
     for note in result["skipped"]:
         print(f"note: {note}", file=sys.stderr)
