@@ -12,6 +12,7 @@ Inputs longer than the model's block are cut, the longer side of a pair first.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -111,12 +112,13 @@ def find_columns(rows: list[Row], path, text=None, pair=None, label=None, need_l
 
 
 def label_key(value) -> str | None:
-    """Labels compare as text ('1', 1 and 1.0 are one label); blank means missing."""
-    if value is None or isinstance(value, bool):
-        return None if value is None else str(value).lower()
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value).strip()
+    """Labels compare as text, whole numbers however written ('1', 1, 1.0, '1.0' are one label);
+    blank means missing."""
+    if value is None:
+        return None
+    text = str(value).strip().lower() if isinstance(value, bool) else str(value).strip()
+    if re.fullmatch(r"-?\d+(\.0*)?", text):
+        text = str(int(float(text)))
     return text or None
 
 
