@@ -41,6 +41,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         ("--warmup-steps", int), ("--weight-decay", float), ("--grad-clip", float), ("--max-steps", int),
         ("--eval-every", int), ("--eval-batches", int), ("--save-every", int), ("--seed", int),
         ("--dropout", float), ("--attn-dropout", float), ("--val-fraction", float),
+        ("--early-stopping-patience", int),
     ]:
         p.add_argument(flag, type=kind)
     p.add_argument("--seq-len", type=int, help="tokens per training window (default: the model's block size)")
@@ -149,6 +150,10 @@ def _print_summary(summary: dict, run_dir) -> None:
         line += f", val accuracy {val['accuracy']:.4f}, macro-F1 {val['macro_f1']:.4f}"
     if summary["skipped_steps"]:
         line += f", {summary['skipped_steps']} non-finite steps skipped"
+    best = summary.get("best")
+    if best and best["step"] is not None:
+        how = "stopped early: no better validation for a while; " if summary.get("stopped_early") else ""
+        line += f"; {how}best val {best['metric']} {best['value']:.4f} at step {best['step']} (the folder's model)"
     print(f"{line}; model folder: {run_dir}")
 
 

@@ -172,6 +172,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    early_stopping_patience: int = 0  # stop after this many evaluations without a better one; keep the best (0: off)
     objective: str = "clm"  # clm, mlm or denoise; chosen from the arch when not given
     mask_prob: float = 0.15
     val_fraction: float = 0.1
@@ -186,6 +187,8 @@ class TrainConfig:
             raise LmforgeError(f"seq_len must be at least 2; got {self.seq_len}")
         if self.lr <= 0:
             raise LmforgeError(f"lr must be positive; got {self.lr}")
+        if self.early_stopping_patience < 0:
+            raise LmforgeError(f"early_stopping_patience must be >= 0; got {self.early_stopping_patience}")
         if self.warmup_steps < 0:
             raise LmforgeError(f"warmup_steps must be >= 0; got {self.warmup_steps}")
         if not 0.0 < self.val_fraction < 1.0:

@@ -76,6 +76,19 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def script_validation(trainer, figures: list[float], metric: str = "loss") -> dict[int, dict]:
+    """Evaluations return the scripted figures in turn; returns the weights at each evaluation's step."""
+    weights_at: dict[int, dict] = {}
+    queue = iter(figures)
+
+    def evaluate(*args, **kwargs):
+        weights_at[trainer.step] = snapshot(trainer.model)
+        return {"loss": 0.0, "perplexity": 1.0, metric: next(queue)}
+
+    trainer.evaluate = evaluate
+    return weights_at
+
+
 def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
     assert a.keys() == b.keys()
     for name in a:

@@ -14,6 +14,7 @@ from helpers import (  # noqa: F401  (token_cache and one_thread are autouse fix
     one_line_error,
     one_thread,
     read_metrics,
+    script_validation,
     snapshot,
     token_cache,
 )
@@ -241,3 +242,13 @@ def test_tabular_files_read_as_their_format_says(tmp_path):
         read_rows(bad)
     with pytest.raises(LmforgeError, match=r"unknown file type '.xml'"):
         read_rows(tmp_path / "c.xml")
+
+
+def test_early_stopping_keeps_the_most_accurate_classifier(tmp_path, base_folder):
+    run = prepare_task_run(task_options(tmp_path, base_folder, max_steps=50, eval_every=10,
+                                        early_stopping_patience=2))
+    weights_at = script_validation(run.trainer, [0.6, 0.9, 0.9, 0.7], metric="accuracy")
+    summary = run.trainer.fit()
+    assert summary["step"] == 40 and summary["best"] == {"metric": "accuracy", "value": 0.9, "step": 20}
+    assert_same_weights(snapshot(load_model(tmp_path / "ft")[0]), weights_at[20])
+    assert read_task(tmp_path / "ft") == read_task(tmp_path / "ft" / "best")

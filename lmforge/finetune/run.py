@@ -39,6 +39,8 @@ CLASSIFY_DEFAULTS = {**FINETUNE_DEFAULTS, "batch_size": 32}
 class TaskTrainer(Trainer):
     """The Trainer, fed labelled examples and judged by accuracy (higher is better)."""
 
+    selection_metric = ("accuracy", True)
+
     def __init__(self, model, config, train_examples, val_examples, run_dir, tokenizer, task: dict, world=None):
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         super().__init__(model, config, train_examples, val_examples, run_dir, tokenizer,

@@ -18,6 +18,7 @@ from lmforge.model_folder import MODEL_FILES, TASK_FILE, save_model
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
+BEST_DIR = "best"
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -38,25 +39,47 @@ def save_checkpoint(
 
     run_dir = Path(run_dir)
     root = run_dir / CHECKPOINT_DIR
-    final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=_mkdir(root)))
-    tmp.chmod(0o777 & ~UMASK)
-    save_model(model, tmp, tokenizer, metadata={"step": step}, weights=weights, task=task)
-    buffer = io.BytesIO()
-    torch.save(trainer_state, buffer)
-    atomic_write_bytes(tmp / TRAINER_STATE, buffer.getvalue())
-    if final.exists():  # re-saving a step after a resume: swap the old one out first
-        _remove_folder(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    for name in MODEL_FILES + ((TASK_FILE,) if task is not None else ()):
-        atomic_copy(final / name, run_dir / name)
+
+    def fill(folder: Path) -> None:
+        save_model(model, folder, tokenizer, metadata={"step": step}, weights=weights, task=task)
+        buffer = io.BytesIO()
+        torch.save(trainer_state, buffer)
+        atomic_write_bytes(folder / TRAINER_STATE, buffer.getvalue())
+
+    final = _write_whole(root / f"step-{step:08d}", fill)
+    publish_model(final, run_dir)
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         _remove_folder(old)
     for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-*")]:  # left by a run killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
     for stale in run_dir.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
+    return final
+
+
+def save_best(run_dir: str | Path, step: int, model, tokenizer, weights=None, task: dict | None = None) -> Path:
+    """run_dir/best/: the best validated model so far (train/selection.py), replaced whole."""
+    return _write_whole(Path(run_dir) / BEST_DIR,
+                        lambda folder: save_model(model, folder, tokenizer, metadata={"step": step}, weights=weights,
+                                                  task=task))
+
+
+def publish_model(folder: Path, run_dir: str | Path) -> None:
+    """Make `folder`'s model the run folder's top-level model, file by file, each atomically."""
+    for name in MODEL_FILES + ((TASK_FILE,) if (folder / TASK_FILE).is_file() else ()):
+        atomic_copy(folder / name, Path(run_dir) / name)
+
+
+def _write_whole(final: Path, fill) -> Path:
+    """Fill a temporary sibling folder, then rename it to `final` (swapping an old one out first):
+    `final` is never seen half-written."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=_mkdir(final.parent)))
+    tmp.chmod(0o777 & ~UMASK)
+    fill(tmp)
+    if final.exists():  # re-saving a step after a resume, or a better model: swap the old one out first
+        _remove_folder(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
     return final
 
 

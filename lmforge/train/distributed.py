@@ -135,6 +135,13 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
 
 
+def full_weights(model: nn.Module) -> dict:
+    """The whole model state alone (the best model is kept without its optimizer); gathers under FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optim_state: dict) -> None:
     """Inverse of full_state: every rank passes the same full state and keeps its own shard."""
     from torch.distributed.checkpoint.state_dict import (

@@ -22,9 +22,17 @@ from lmforge.config import TrainConfig
 from lmforge.data.collate import WindowSampler
 from lmforge.errors import LmforgeError
 from lmforge.hardware import bf16_native
-from lmforge.train.checkpoint import checkpoint_dirs, load_trainer_state, save_checkpoint
-from lmforge.train.distributed import World, full_state, load_full_state, no_sync, wrap_model
+from lmforge.train.checkpoint import (
+    BEST_DIR,
+    checkpoint_dirs,
+    load_trainer_state,
+    publish_model,
+    save_best,
+    save_checkpoint,
+)
+from lmforge.train.distributed import World, full_state, full_weights, load_full_state, no_sync, wrap_model
 from lmforge.train.objectives import Objective
+from lmforge.train.selection import BestModel
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -77,6 +85,8 @@ def lr_at(step: int, config: TrainConfig) -> float:
 class Trainer:
     """Runs one process's share of training; under torchrun every rank runs one (see distributed.py)."""
 
+    selection_metric = ("loss", False)  # what early stopping compares: (metric, higher is better)
+
     def __init__(self, model, config: TrainConfig, train_store, val_store, run_dir, tokenizer, objective=None,
                  world: World | None = None):
         self.model, self.config, self.tokenizer = model, config, tokenizer
@@ -107,6 +117,9 @@ class Trainer:
                 stack.checkpoint_blocks = config.activation_checkpointing
         self.tokens_per_step = config.batch_size * config.grad_accum * block * self.world.world_size
         self.task: dict | None = None  # a fine-tuned task's metadata (task.json), saved with every checkpoint
+        patience = config.early_stopping_patience
+        self.best = BestModel(*self.selection_metric, patience) if patience else None
+        self.stopped_early = False
 
     def make_sampler(self):
         """The training batches' source; a task trainer (finetune/) draws labelled examples instead."""
@@ -197,6 +210,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "bad_steps": self.bad_steps,
             "train_config": self.config.to_dict(),
+            "best": self.best.state_dict() if self.best else None,
+            "stopped_early": self.stopped_early,
         }
 
     def save(self) -> Path | None:
@@ -230,6 +245,9 @@ class Trainer:
         load_full_state(self.model, self.optimizer, weights, state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.bad_steps = state["step"], state["bad_steps"]
+        if self.best is not None and state.get("best"):
+            self.best.load_state_dict(state["best"])
+        self.stopped_early = bool(state.get("stopped_early"))
         if self.world.is_main:
             self.generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
@@ -265,7 +283,7 @@ class Trainer:
                    unit="step", dynamic_ncols=True, leave=True)
         last_eval: dict = {}
         started, start_step, window_loss, window_n = time.perf_counter(), self.step, 0.0, 0
-        while self.step < end:
+        while self.step < end and not self.stopped_early:
             result = self.train_step()
             if result["skipped"]:
                 if main:
@@ -296,10 +314,24 @@ class Trainer:
                 if main:
                     figures = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
                     bar.write(f"step {self.step}: val {figures}")
-            if self.step % config.save_every == 0 or self.step == end:
+                self.select(last_eval)
+            if self.step % config.save_every == 0 or self.step == end or self.stopped_early:
                 self.save()
             bar.update(1)
         bar.close()
+        if self.best is not None and self.best.step is not None and main:
+            publish_model(self.run_dir / BEST_DIR, self.run_dir)  # the run folder's model is the best one
         self.world.barrier()
         return {"step": self.step, "skipped_steps": self.bad_steps, "val": last_eval,
-                "seconds": time.perf_counter() - started}
+                "seconds": time.perf_counter() - started, "stopped_early": self.stopped_early,
+                "best": self.best.summary() if self.best else None}
+
+    def select(self, result: dict) -> None:
+        """Early stopping: keep the model if it is the best so far; stop when patience runs out."""
+        if self.best is None:
+            return
+        if self.best.improved(result, self.step):
+            weights = full_weights(self.model)  # every rank takes part (FSDP gathers)
+            if self.world.is_main:
+                save_best(self.run_dir, self.step, self.model, self.tokenizer, weights=weights, task=self.task)
+        self.stopped_early = self.best.patience_ran_out
