@@ -41,7 +41,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         ("--warmup-steps", int), ("--weight-decay", float), ("--grad-clip", float), ("--max-steps", int),
         ("--eval-every", int), ("--eval-batches", int), ("--save-every", int), ("--seed", int),
         ("--dropout", float), ("--attn-dropout", float), ("--val-fraction", float),
-        ("--early-stopping-patience", int),
+        ("--early-stopping-patience", int), ("--label-smoothing", float), ("--l1-penalty", float),
+        ("--augment-prob", float),
     ]:
         p.add_argument(flag, type=kind)
     p.add_argument("--seq-len", type=int, help="tokens per training window (default: the model's block size)")
@@ -298,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--text-column", help="classify: the text column (default: sentence or text)")
     fine.add_argument("--text-pair-column", help="classify: the second text of a pair (default: none)")
     fine.add_argument("--label-column", help="classify: the label column (default: label)")
+    fine.add_argument("--augment", choices=["delete", "swap"],
+                      help="classify: randomly delete or swap tokens of training texts (--augment-prob, seeded)")
     fine.add_argument("--pooling", choices=["cls", "mean", "last"],
                       help="classify: the sequence's vector (default: cls for encoders, last for decoders)")
     _add_training_flags(fine)

@@ -173,6 +173,10 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     early_stopping_patience: int = 0  # stop after this many evaluations without a better one; keep the best (0: off)
+    label_smoothing: float = 0.0  # task fine-tuning: part of each target's probability spread over all labels
+    l1_penalty: float = 0.0  # adds this times the sum of |w| over the decayed matrices to the loss
+    augment: str | None = None  # classification: "delete" or "swap" random tokens of training inputs
+    augment_prob: float = 0.1  # the share of a text's tokens that augmentation deletes or swaps
     objective: str = "clm"  # clm, mlm or denoise; chosen from the arch when not given
     mask_prob: float = 0.15
     val_fraction: float = 0.1
@@ -187,6 +191,13 @@ class TrainConfig:
             raise LmforgeError(f"seq_len must be at least 2; got {self.seq_len}")
         if self.lr <= 0:
             raise LmforgeError(f"lr must be positive; got {self.lr}")
+        for name in ("label_smoothing", "augment_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise LmforgeError(f"{name} must be in [0, 1); got {getattr(self, name)}")
+        if self.l1_penalty < 0:
+            raise LmforgeError(f"l1_penalty must be >= 0; got {self.l1_penalty}")
+        if self.augment is not None:
+            _check_choice("augment", self.augment, ("delete", "swap"))
         if self.early_stopping_patience < 0:
             raise LmforgeError(f"early_stopping_patience must be >= 0; got {self.early_stopping_patience}")
         if self.warmup_steps < 0:

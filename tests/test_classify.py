@@ -252,3 +252,73 @@ def test_early_stopping_keeps_the_most_accurate_classifier(tmp_path, base_folder
     assert summary["step"] == 40 and summary["best"] == {"metric": "accuracy", "value": 0.9, "step": 20}
     assert_same_weights(snapshot(load_model(tmp_path / "ft")[0]), weights_at[20])
     assert read_task(tmp_path / "ft") == read_task(tmp_path / "ft" / "best")
+
+
+def test_augmentation_deletes_or_swaps_content_tokens_only_and_replays_the_same():
+    specials = {0, 1}
+    example = classify.Example([1, *range(10, 30), 0], [0] * 22, 1)
+    deleted = classify.augment(example, "delete", 0.3, specials, torch.Generator().manual_seed(5))
+    assert deleted.input_ids[0] == 1 and deleted.input_ids[-1] == 0 and 8 <= len(deleted.input_ids) < 22
+    assert set(deleted.input_ids) < set(example.input_ids) and len(deleted.token_type_ids) == len(deleted.input_ids)
+    swapped = classify.augment(example, "swap", 0.3, specials, torch.Generator().manual_seed(5))
+    assert sorted(swapped.input_ids) == sorted(example.input_ids) and swapped.input_ids != example.input_ids
+    assert swapped.input_ids[0] == 1 and swapped.input_ids[-1] == 0
+    again = classify.augment(example, "swap", 0.3, specials, torch.Generator().manual_seed(5))
+    assert again == swapped
+    only_one = classify.Example([1, 42, 0], [0, 0, 0], 0)
+    assert classify.augment(only_one, "delete", 0.99, specials, torch.Generator().manual_seed(0)).input_ids == [1, 42, 0]
+
+
+def test_augmented_training_resumes_exactly_and_sees_new_noise_each_epoch(tmp_path, base_folder):
+    options = task_options(tmp_path, base_folder, max_steps=24, eval_every=12, save_every=12, log_every=1,
+                           augment="delete", augment_prob=0.2, label_smoothing=0.1, batch_size=32)
+    whole = prepare_task_run(options)
+    sampler = whole.trainer.sampler
+    first_epoch_batch = sampler.next_batch()["input_ids"]
+    sampler.load_state_dict({"epoch": 0, "position": 0})
+    assert torch.equal(sampler.next_batch()["input_ids"], first_epoch_batch)  # replayable from the state
+    sampler.load_state_dict({"epoch": 0, "position": 0})
+    whole.trainer.fit()
+    split = prepare_task_run({**options, "out": str(tmp_path / "split")})
+    split.trainer.fit(until=12)
+    resumed = prepare_task_run({"task": "classify", "out": str(tmp_path / "split"), "resume": True})
+    assert resumed.trainer.config.augment == "delete" and resumed.model.label_smoothing == 0.1
+    resumed.trainer.fit()
+    losses = [[r["loss"] for r in read_metrics(tmp_path / name, "train")] for name in ("split", "ft")]
+    assert losses[0] == losses[1]
+
+
+@torch.no_grad()
+def test_label_smoothing_changes_the_training_loss_not_the_evaluation(tmp_path, base_folder):
+    run = prepare_task_run(task_options(tmp_path, base_folder, label_smoothing=0.2))
+    batch = run.trainer.sampler.next_batch()
+    run.model.train()
+    smoothed = float(run.model(**batch).loss)
+    run.model.label_smoothing = 0.0
+    plain = float(run.model(**batch).loss)
+    logits = run.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    expected = torch.nn.functional.cross_entropy(logits, batch["labels"], label_smoothing=0.2)
+    run.model.label_smoothing = 0.2
+    assert smoothed != plain and smoothed == pytest.approx(float(expected), rel=1e-5)
+    run.model.eval()
+    assert float(run.model(**batch).loss) == pytest.approx(plain, rel=1e-5)
+
+
+def test_l1_penalty_pulls_weights_toward_zero(tmp_path, base_folder):
+    norms = {}
+    for l1 in (0.0, 0.05):
+        run = prepare_task_run(task_options(tmp_path, base_folder, out=f"l1-{l1}", l1_penalty=l1, max_steps=20,
+                                            weight_decay=0.0))
+        run.trainer.fit()
+        norms[l1] = sum(float(p.abs().sum()) for p in run.trainer.optimizer.param_groups[0]["params"])
+    assert norms[0.05] < 0.8 * norms[0.0], norms
+
+
+def test_task_only_regularisers_are_refused_for_language_models(tmp_path, capsys):
+    from helpers import write_corpus
+
+    corpus = write_corpus(tmp_path)
+    assert main(["pretrain", "--data", str(corpus), "--tokenizer", "char", "--label-smoothing", "0.1",
+                 "--out", str(tmp_path / "lm")]) == 2
+    assert one_line_error(capsys.readouterr().err).endswith(
+        "--label-smoothing apply to fine-tuning for a task (finetune --task)")

@@ -178,11 +178,13 @@ class ExampleSampler:
     rank takes its share of every global batch."""
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int, with_segments: bool,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, augment: str | None = None, augment_prob: float = 0.0,
+                 special_ids: tuple[int, ...] = ()):
         if not examples:
             raise LmforgeError("no usable training examples")
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
         self.pad_id, self.with_segments, self.rank, self.world_size = pad_id, with_segments, rank, world_size
+        self.augment, self.augment_prob, self.special_ids = augment, augment_prob, set(special_ids)
         self.epoch, self.position = 0, 0
         self._order = self._permutation()
 
@@ -192,16 +194,23 @@ class ExampleSampler:
 
     def next_batch(self) -> dict:
         global_batch = self.batch_size * self.world_size
-        picked = []
+        picked = []  # (epoch, place in the epoch, example): the augmentation noise is seeded by the first two
         while len(picked) < global_batch:
             if self.position >= len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation()
             take = self._order[self.position:self.position + global_batch - len(picked)]
-            picked += take
+            picked += [(self.epoch, self.position + k, i) for k, i in enumerate(take)]
             self.position += len(take)
         mine = picked[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return collate([self.examples[i] for i in mine], self.pad_id, self.with_segments)
+        return collate([self._augmented(*pick) for pick in mine], self.pad_id, self.with_segments)
+
+    def _augmented(self, epoch: int, place: int, index: int) -> Example:
+        example = self.examples[index]
+        if not self.augment:
+            return example
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + place)
+        return augment(example, self.augment, self.augment_prob, self.special_ids, generator)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -209,6 +218,25 @@ class ExampleSampler:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._permutation()
+
+
+def augment(example: Example, how: str, prob: float, special_ids: set[int], generator: torch.Generator) -> Example:
+    """A noisier copy for training (EDA's random deletion and swap): each content token is
+    dropped with probability `prob`, or round(prob x length) pairs of content tokens change
+    places. Special tokens (start, separators) stay where they are; at least one content token stays."""
+    content = [k for k, token in enumerate(example.input_ids) if token not in special_ids]
+    ids, types = list(example.input_ids), list(example.token_type_ids)
+    if how == "delete":
+        drop = {k for k, r in zip(content, torch.rand(len(content), generator=generator).tolist(), strict=True)
+                if r < prob}
+        if len(drop) == len(content):
+            drop.discard(content[0])
+        keep = [k for k in range(len(ids)) if k not in drop]
+        return Example([ids[k] for k in keep], [types[k] for k in keep], example.label)
+    for _ in range(round(prob * len(content)) if len(content) > 1 else 0):
+        a, b = torch.randint(len(content), (2,), generator=generator).tolist()
+        ids[content[a]], ids[content[b]] = ids[content[b]], ids[content[a]]
+    return Example(ids, types, example.label)
 
 
 # ---------------------------------------------------------------- scoring

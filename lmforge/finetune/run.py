@@ -50,8 +50,10 @@ class TaskTrainer(Trainer):
         self.tokens_per_step = round(config.batch_size * config.grad_accum * mean_length * self.world.world_size)
 
     def make_sampler(self):
+        self.model.label_smoothing = self.config.label_smoothing
         return classify.ExampleSampler(self.train_store, self.config.batch_size, self.config.seed, self.pad_id,
-                                       self.model.config.type_vocab_size > 0, self.world.rank, self.world.world_size)
+                                       self.model.config.type_vocab_size > 0, self.world.rank, self.world.world_size,
+                                       self.config.augment, self.config.augment_prob, tuple(self.tokenizer.special_ids))
 
     def next_batch(self) -> dict:
         return self.sampler.next_batch()

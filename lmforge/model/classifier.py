@@ -17,6 +17,8 @@ class SequenceClassifier(LanguageModel):
     way: the last real token). Reuses the stacks, embeddings, initialisation and parameter counts of
     LanguageModel; only the head and forward differ."""
 
+    label_smoothing = 0.0  # set by a training run (TrainConfig.label_smoothing); applies in train mode only
+
     def make_head(self, config: ModelConfig) -> ClassifierHead:
         return ClassifierHead(config)
 
@@ -34,7 +36,8 @@ class SequenceClassifier(LanguageModel):
         else:
             hidden = self.decode(input_ids, attention_mask)
         logits = self.head(hidden, attention_mask)
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        smoothing = self.label_smoothing if self.training else 0.0
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing) if labels is not None else None
         return ModelOutput(logits, loss, hidden)
 
 

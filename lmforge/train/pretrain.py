@@ -158,6 +158,10 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
     train_opts.setdefault("objective", DEFAULT_FOR_ARCH.get(model_opts["arch"], "clm"))
     model_config = ModelConfig.from_dict(model_opts)
     train_config = TrainConfig.from_dict(train_opts)
+    task_only = [flag for flag, value in (("--label-smoothing", train_config.label_smoothing),
+                                          ("--augment", train_config.augment)) if value]
+    if task_only:
+        raise LmforgeError(f"{', '.join(task_only)} apply to fine-tuning for a task (finetune --task)")
 
     def build_stores():
         return build_token_stores(documents, tokenizer, val_fraction=train_config.val_fraction,

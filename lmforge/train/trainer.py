@@ -151,7 +151,8 @@ class Trainer:
             with no_sync(self.wrapped, sync=micro == accum - 1):  # all-reduce once, on the last
                 with self.autocast:
                     loss = self._run(batch).loss / accum
-                loss.backward()  # even when not finite: every rank must join the all-reduce
+                penalty = self.config.l1_penalty * self._l1() / accum if self.config.l1_penalty else 0.0
+                (loss + penalty).backward()  # even when not finite: every rank must join the all-reduce
             value = loss.item()
             finite = finite and math.isfinite(value)
             total += value if finite else 0.0
@@ -168,6 +169,10 @@ class Trainer:
         self.step += 1
         return {"step": self.step, "loss": self.world.mean(total) if finite else float("nan"), "lr": lr,
                 "grad_norm": grad_norm, "skipped": not finite}
+
+    def _l1(self) -> torch.Tensor:
+        """Sum of |w| over the matrices weight decay applies to (the logged loss leaves it out)."""
+        return sum(p.abs().sum() for p in self.optimizer.param_groups[0]["params"])
 
     def _run(self, batch: dict):
         batch = {**batch, "return_logits": False}  # the loss alone: no vocabulary-sized logits kept
