@@ -310,7 +310,7 @@ def test_l1_penalty_pulls_weights_toward_zero(tmp_path, base_folder):
         run = prepare_task_run(task_options(tmp_path, base_folder, out=f"l1-{l1}", l1_penalty=l1, max_steps=20,
                                             weight_decay=0.0))
         run.trainer.fit()
-        norms[l1] = sum(float(p.abs().sum()) for p in run.trainer.optimizer.param_groups[0]["params"])
+        norms[l1] = sum(float(p.detach().abs().sum()) for p in run.trainer.optimizer.param_groups[0]["params"])
     assert norms[0.05] < 0.8 * norms[0.0], norms
 
 
