@@ -322,3 +322,25 @@ def test_task_only_regularisers_are_refused_for_language_models(tmp_path, capsys
                  "--out", str(tmp_path / "lm")]) == 2
     assert one_line_error(capsys.readouterr().err).endswith(
         "--label-smoothing apply to fine-tuning for a task (finetune --task)")
+
+
+def test_sampler_visits_every_example_once_per_epoch_in_length_buckets():
+    rng = random.Random(0)
+    examples = [classify.Example([5] * rng.randint(3, 60), [0], n) for n in range(1000)]  # label = index
+    sampler = classify.ExampleSampler(examples, batch_size=10, seed=1, pad_id=0, with_segments=False)
+    seen, padding, real = [], 0, 0
+    for _ in range(100):  # one epoch: 1000 examples in batches of 10
+        batch = sampler.next_batch()
+        seen += batch["labels"].tolist()
+        padding += int((batch["attention_mask"] == 0).sum())
+        real += int(batch["attention_mask"].sum())
+    assert sorted(seen) == list(range(1000)) and sampler.epoch == 0
+    assert padding < 0.05 * real  # random batches of lengths 3..60 would pad ~60% as much as they hold
+    assert sampler.next_batch()["labels"].tolist() != seen[:10]  # a new epoch, a new order
+
+    halves = [classify.ExampleSampler(examples, batch_size=5, seed=1, pad_id=0, with_segments=False, rank=r,
+                                      world_size=2) for r in (0, 1)]
+    whole = classify.ExampleSampler(examples, batch_size=10, seed=1, pad_id=0, with_segments=False)
+    for _ in range(3):
+        shares = [h.next_batch()["labels"].tolist() for h in halves]
+        assert shares[0] + shares[1] == whole.next_batch()["labels"].tolist()
