@@ -119,7 +119,7 @@ def convert_from_hf(hf_dir: str | Path, out_dir: str | Path):
     if not is_hf_folder(hf_dir):
         raise LmforgeError(f"{hf_dir} is not a Hugging Face model folder (no config.json with a model_type)")
     model, tokenizer = from_hf(hf_dir)
-    save_model(model, out, tokenizer)
+    save_model(model, out, tokenizer, task=hf_task(hf_dir))  # a classifier keeps its label names
     return model
 
 

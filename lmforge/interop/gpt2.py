@@ -1,6 +1,8 @@
-"""GPT-2 (`GPT2LMHeadModel`): a pre-norm decoder with learned positions and fused q/k/v.
+"""GPT-2 (`GPT2LMHeadModel`, `GPT2ForSequenceClassification`): a pre-norm decoder with learned
+positions and fused q/k/v.
 
-Its linear layers are `Conv1D`s, which store weights as (in, out): every one is transposed.
+Its linear layers are `Conv1D`s, which store weights as (in, out): every one is transposed. The
+classifier's `score` is a plain `nn.Linear` without bias, (labels, n_embd) as ours: copied as is.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from lmforge.interop.mapping import (
     Param,
     activation_to_hf,
     block_params,
+    classifier_labels,
     linear,
     plain_attention,
     require,
 )
+
+LM, CLASSIFIER = "GPT2LMHeadModel", "GPT2ForSequenceClassification"
 
 DEFAULTS = {
     "vocab_size": 50257,
@@ -41,6 +46,8 @@ DEFAULTS = {
     "tie_word_embeddings": True,
     "bos_token_id": 50256,
     "eos_token_id": 50256,
+    "problem_type": None,
+    "num_labels": 2,
 }
 
 BLOCK = BlockNames(
@@ -52,6 +59,9 @@ def config_from_hf(hf: HFConfig, architecture: str) -> dict:
     hf.expect("add_cross_attention", False)
     hf.expect("scale_attn_weights", True)
     # reorder_and_upcast_attn only reorders the same fp32 arithmetic (and upcasts under autocast): accepted
+    # The classifier pools the rightmost token that is not pad_token_id, ours the rightmost the mask keeps:
+    # the same token unless a text itself ends in the pad token (GPT-2's eos often is it, but its tokenizer
+    # adds none). Left padding also needs HF given position_ids, as generation does.
     return dict(
         **CLASSIC_LAYOUT,
         arch="decoder",
@@ -69,6 +79,7 @@ def config_from_hf(hf: HFConfig, architecture: str) -> dict:
         tie_embeddings=hf["tie_word_embeddings"],
         scale_attn_by_inverse_layer_idx=hf["scale_attn_by_inverse_layer_idx"],
         init_std=hf["initializer_range"],
+        n_labels=classifier_labels(hf) if architecture == CLASSIFIER else None,
     )
 
 
@@ -79,7 +90,7 @@ def config_to_hf(config: ModelConfig) -> dict:
         embedding_norm=(False,), scale_embedding=(False,), lm_head_bias=(False,),
     )
     return {
-        "architectures": ["GPT2LMHeadModel"],
+        "architectures": [CLASSIFIER if config.n_labels else LM],
         "vocab_size": config.vocab_size,
         "n_positions": config.block_size,
         "n_embd": config.n_embd,
@@ -103,8 +114,10 @@ def params(config: ModelConfig) -> Iterator[Param]:
     for i in range(config.n_layer):
         yield from block_params(f"decoder.blocks.{i}", f"transformer.h.{i}", BLOCK, TRANSPOSE)
     yield from linear("decoder.final_norm", "transformer.ln_f")
-    if not config.tie_embeddings:
+    if config.n_labels:
+        yield Param("head.out.weight", ("score.weight",))
+    elif not config.tie_embeddings:
         yield Param("head.proj.weight", ("lm_head.weight",))
 
 
-FAMILY = Family("gpt2", ("GPT2LMHeadModel",), DEFAULTS, config_from_hf, config_to_hf, params, generative=True)
+FAMILY = Family("gpt2", (LM, CLASSIFIER), DEFAULTS, config_from_hf, config_to_hf, params, generative=True)

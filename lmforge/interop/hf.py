@@ -16,13 +16,14 @@ from lmforge.atomic import atomic_write_bytes, atomic_write_text
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.interop import bart, bert, gpt2
-from lmforge.interop.mapping import Family, HFConfig, weights_from_hf, weights_to_hf
+from lmforge.interop.mapping import Family, HFConfig, label_fields, require, weights_from_hf, weights_to_hf
 from lmforge.tokenize import Tokenizer
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (gpt2.FAMILY, bert.FAMILY, bart.FAMILY)}
 EXPORT_FAMILY = {"decoder": gpt2.FAMILY, "encoder": bert.FAMILY, "encoder-decoder": bart.FAMILY}
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CLASSIFIER_POOLING = {"encoder": "cls", "decoder": "last"}  # BERT's pooler reads [CLS]; GPT-2's score the last token
 
 
 def _read_json(path: Path) -> dict:
@@ -127,7 +128,7 @@ def _unmapped(model, params: list) -> list[str]:
 
 def from_hf(hf_dir: str | Path):
     """(model, tokenizer) from a Hugging Face folder, converted in memory. The model is a
-    LanguageModel, or a SequenceClassifier for BertForSequenceClassification."""
+    LanguageModel, or a SequenceClassifier for Bert- and GPT2ForSequenceClassification."""
     from lmforge.model import build_model
 
     folder = Path(hf_dir)
@@ -161,18 +162,55 @@ def from_hf(hf_dir: str | Path):
 
 
 def _tokenizer_config(tokenizer: Tokenizer, config: ModelConfig) -> dict:
-    """Just enough for `AutoTokenizer.from_pretrained` to load tokenizer.json and know its roles."""
+    """Just enough for `AutoTokenizer.from_pretrained` to load tokenizer.json and know its roles.
+    model_input_names is spelled out: without it transformers 5 drops BERT's segment ids (a pair
+    would read as one segment) and transformers 4 hands GPT-2 token_type_ids, which it embeds."""
     roles = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id,
              "unk": tokenizer.unk_id, "mask": tokenizer.mask_id}
-    out = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size}
+    segments = ["token_type_ids"] if config.type_vocab_size else []
+    out = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size,
+           "model_input_names": ["input_ids", *segments, "attention_mask"]}
     out.update({f"{role}_token": tokenizer.id_to_token(i) for role, i in roles.items() if i is not None})
     return out
+
+
+def _label_names(config: ModelConfig, task: dict | None) -> list[str]:
+    """The classifier's label names from task.json, else transformers' own LABEL_i."""
+    labels = [str(name) for name in (task or {}).get("labels") or []]
+    if labels and len(labels) != config.n_labels:
+        raise LmforgeError(f"task.json names {len(labels)} labels but the model has {config.n_labels}")
+    return labels or [f"LABEL_{i}" for i in range(config.n_labels)]
+
+
+def _with_lmforge_template(tokenizer: Tokenizer, config: ModelConfig) -> Tokenizer:
+    """A copy of the tokenizer whose post-processor builds inputs as classify.py's "lmforge" template
+    does (`[start] a <eos> [b <eos>]`), so transformers feeds the exported classifier what it was trained on."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import processors
+
+    eos = tokenizer.eos_id
+    if eos is None:
+        raise LmforgeError("cannot export the classifier's input template: the tokenizer has no end-of-text token")
+    if config.arch == "decoder" and config.pad_token_id == eos:
+        raise LmforgeError(f"cannot export to gpt2: pad_token_id={eos} is the end-of-text token every input ends "
+                           "with, and GPT-2's classifier reads the last token that is not pad_token_id")
+    start = [tokenizer.bos_id if tokenizer.bos_id is not None else eos] if config.arch == "encoder" else []
+    # "name:type" pieces; the type is always given, so a ':' inside a token's name stays part of it
+    single = [*(f"{tokenizer.id_to_token(i)}:0" for i in start), "$A:0", f"{tokenizer.id_to_token(eos)}:0"]
+    pair = [*single, "$B:1", f"{tokenizer.id_to_token(eos)}:1"]
+    specials = [(tokenizer.id_to_token(i), i) for i in dict.fromkeys([*start, eos])]
+    template = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+    inner = RustTokenizer.from_str(tokenizer.to_json())
+    kept = inner.post_processor  # e.g. byte-level offset trimming: adds no tokens, so it stays first
+    inner.post_processor = template if kept is None else processors.Sequence([kept, template])
+    return Tokenizer(inner)
 
 
 def to_hf(model, tokenizer: Tokenizer | None, out_dir: str | Path, task: dict | None = None) -> Path:
     """Write `model` (and its tokenizer) as a Hugging Face folder: config.json, model.safetensors,
     generation_config.json for generative families, tokenizer.json + tokenizer_config.json. A
-    classifier's label names (task.json) become its id2label."""
+    classifier's label names (task.json) become its id2label, and lmforge's own input template
+    becomes the tokenizer's post-processor."""
     from safetensors.torch import save
 
     config = model.config
@@ -185,9 +223,11 @@ def to_hf(model, tokenizer: Tokenizer | None, out_dir: str | Path, task: dict | 
     else:
         token_ids.pop("decoder_start_token_id")
     hf_config.update(token_ids)
-    if config.n_labels and task and task.get("labels"):
-        hf_config["id2label"] = {str(i): str(name) for i, name in enumerate(task["labels"])}
-        hf_config["label2id"] = {str(name): i for i, name in enumerate(task["labels"])}
+    if config.n_labels:
+        require(config, family.model_type, pooling=(None, CLASSIFIER_POOLING[config.arch]))
+        hf_config.update(label_fields(_label_names(config, task)))
+        if tokenizer is not None and (task or {}).get("template") == "lmforge":
+            tokenizer = _with_lmforge_template(tokenizer, config)
     params = list(family.params(config))
     unmapped = _unmapped(model, params)
     if unmapped:

@@ -176,6 +176,22 @@ class HFConfig:
         return ACTIVATIONS_FROM_HF[self[name]]
 
 
+def classifier_labels(hf: HFConfig) -> int:
+    """The label count of a `...ForSequenceClassification`. Only single-label classification: a
+    regression or multi-label head is scored differently (no softmax, another loss)."""
+    hf.expect("problem_type", None, "single_label_classification")
+    n_labels = len(hf["id2label"]) if hf["id2label"] else hf["num_labels"]
+    if n_labels < 2:
+        raise hf.refuse("num_labels", "regression (one label) is not supported; lmforge classifies")
+    return n_labels
+
+
+def label_fields(labels: list[str]) -> dict:
+    """config.json's id2label and label2id: what transformers' pipeline names its predictions by."""
+    return {"id2label": {str(i): name for i, name in enumerate(labels)},
+            "label2id": {name: i for i, name in enumerate(labels)}}
+
+
 def require(config: ModelConfig, target: str, **allowed: tuple) -> None:
     """Export check: each named field of our config must hold one of the values `target` can express."""
     for name, values in allowed.items():
