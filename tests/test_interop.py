@@ -90,17 +90,22 @@ def gpt2(tmp_path_factory, gpt2_tok):
     return out
 
 
-@pytest.fixture(scope="module")
-def bert_tok() -> Tokenizer:
-    """A WordPiece tokenizer built by hand: BERT's normaliser, pre-tokeniser and specials."""
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(" ".join(TEXTS).split()))]
+def wordpiece(text: str) -> RustTokenizer:
+    """A WordPiece tokenizer built by hand: BERT's normaliser, pre-tokeniser and specials ([PAD]
+    0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4), the words of `text`, and single-letter pieces."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(text.split()))]
     words += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
     tokenizer = RustTokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
     tokenizer.add_special_tokens(words[:5])
-    return Tokenizer(tokenizer)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def bert_tok() -> Tokenizer:
+    return Tokenizer(wordpiece(" ".join(TEXTS)))
 
 
 def _bert_config(**options):

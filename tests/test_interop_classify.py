@@ -15,9 +15,9 @@ import shutil
 
 import pytest
 import torch
-from test_interop import _ids, _padding, _perturb
+from test_interop import _ids, _padding, _perturb, wordpiece
 from tokenizers import Tokenizer as RustTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import processors
 
 from lmforge.cli import main
 from lmforge.config import ModelConfig
@@ -76,18 +76,13 @@ def gpt2_cls(tmp_path_factory, gpt2_tok):
 @pytest.fixture(scope="module")
 def bert_cls(tmp_path_factory):
     """(hf model, folder) of a BertForSequenceClassification whose tokenizer adds [CLS] a [SEP] b [SEP]."""
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(" ".join(CORPUS).replace(".", " ").split()))]
-    words += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
-    inner = RustTokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    inner.normalizer = normalizers.BertNormalizer(lowercase=True)
-    inner.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    inner.decoder = decoders.WordPiece()
-    inner.add_special_tokens(words[:5])
+    inner = wordpiece(" ".join(CORPUS).replace(".", " "))
     inner.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     config = transformers.BertConfig(
-        vocab_size=len(words), hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-        max_position_embeddings=64, initializer_range=0.3, hidden_act="gelu_new", **_named(LABELS),
+        vocab_size=inner.get_vocab_size(), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=96, max_position_embeddings=64, initializer_range=0.3, hidden_act="gelu_new",
+        **_named(LABELS),
     )
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config).eval()
