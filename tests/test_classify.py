@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.metrics import accuracy
 from lmforge.finetune import classify
+from lmforge.finetune.batches import ExampleSampler
 from lmforge.finetune.run import prepare_task_run
 from lmforge.finetune.tabular import read_rows
 from lmforge.model import LanguageModel, build_model
@@ -257,16 +259,16 @@ def test_early_stopping_keeps_the_most_accurate_classifier(tmp_path, base_folder
 def test_augmentation_deletes_or_swaps_content_tokens_only_and_replays_the_same():
     specials = {0, 1}
     example = classify.Example([1, *range(10, 30), 0], [0] * 22, 1)
-    deleted = classify.augment(example, "delete", 0.3, specials, torch.Generator().manual_seed(5))
+    deleted = classify.augment(example, torch.Generator().manual_seed(5), "delete", 0.3, specials)
     assert deleted.input_ids[0] == 1 and deleted.input_ids[-1] == 0 and 8 <= len(deleted.input_ids) < 22
     assert set(deleted.input_ids) < set(example.input_ids) and len(deleted.token_type_ids) == len(deleted.input_ids)
-    swapped = classify.augment(example, "swap", 0.3, specials, torch.Generator().manual_seed(5))
+    swapped = classify.augment(example, torch.Generator().manual_seed(5), "swap", 0.3, specials)
     assert sorted(swapped.input_ids) == sorted(example.input_ids) and swapped.input_ids != example.input_ids
     assert swapped.input_ids[0] == 1 and swapped.input_ids[-1] == 0
-    again = classify.augment(example, "swap", 0.3, specials, torch.Generator().manual_seed(5))
+    again = classify.augment(example, torch.Generator().manual_seed(5), "swap", 0.3, specials)
     assert again == swapped
     only_one = classify.Example([1, 42, 0], [0, 0, 0], 0)
-    kept = classify.augment(only_one, "delete", 0.99, specials, torch.Generator().manual_seed(0))
+    kept = classify.augment(only_one, torch.Generator().manual_seed(0), "delete", 0.99, specials)
     assert kept.input_ids == [1, 42, 0]
 
 
@@ -328,7 +330,8 @@ def test_task_only_regularisers_are_refused_for_language_models(tmp_path, capsys
 def test_sampler_visits_every_example_once_per_epoch_in_length_buckets():
     rng = random.Random(0)
     examples = [classify.Example([5] * rng.randint(3, 60), [0], n) for n in range(1000)]  # label = index
-    sampler = classify.ExampleSampler(examples, batch_size=10, seed=1, pad_id=0, with_segments=False)
+    pad = partial(classify.collate, pad_id=0, with_segments=False)
+    sampler = ExampleSampler(examples, batch_size=10, seed=1, collate=pad)
     seen, padding, real = [], 0, 0
     for _ in range(100):  # one epoch: 1000 examples in batches of 10
         batch = sampler.next_batch()
@@ -339,9 +342,8 @@ def test_sampler_visits_every_example_once_per_epoch_in_length_buckets():
     assert padding < 0.05 * real  # random batches of lengths 3..60 would pad ~60% as much as they hold
     assert sampler.next_batch()["labels"].tolist() != seen[:10]  # a new epoch, a new order
 
-    halves = [classify.ExampleSampler(examples, batch_size=5, seed=1, pad_id=0, with_segments=False, rank=r,
-                                      world_size=2) for r in (0, 1)]
-    whole = classify.ExampleSampler(examples, batch_size=10, seed=1, pad_id=0, with_segments=False)
+    halves = [ExampleSampler(examples, batch_size=5, seed=1, collate=pad, rank=r, world_size=2) for r in (0, 1)]
+    whole = ExampleSampler(examples, batch_size=10, seed=1, collate=pad)
     for _ in range(3):
         shares = [h.next_batch()["labels"].tolist() for h in halves]
         assert shares[0] + shares[1] == whole.next_batch()["labels"].tolist()

@@ -172,70 +172,7 @@ def collate(examples: list[Example], pad_id: int, with_segments: bool) -> dict:
     return batch
 
 
-class ExampleSampler:
-    """Shuffled passes over the examples, batched by similar length, reproducible from (seed,
-    epoch, batch): what a checkpoint stores to resume mid-epoch.
-
-    Each epoch shuffles the examples, sorts every pool of BUCKET_POOL batches by length, cuts
-    the pools into batches and shuffles the batches: a batch pads its texts to nearly the same
-    length (SST-2's phrases padded to their random batch's longest took ~4x the compute), while
-    which examples meet stays random. An incomplete last batch is dropped. Under torchrun each
-    rank takes its share of every global batch."""
-
-    BUCKET_POOL = 50
-
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int, with_segments: bool,
-                 rank: int = 0, world_size: int = 1, augment: str | None = None, augment_prob: float = 0.0,
-                 special_ids: tuple[int, ...] = ()):
-        if len(examples) < batch_size * world_size:
-            raise LmforgeError(f"{len(examples)} usable training examples: fewer than one batch of "
-                               f"{batch_size * world_size}; lower --batch-size")
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.pad_id, self.with_segments, self.rank, self.world_size = pad_id, with_segments, rank, world_size
-        self.augment, self.augment_prob, self.special_ids = augment, augment_prob, set(special_ids)
-        self.epoch, self.position = 0, 0  # position: the next batch of this epoch
-        self._batches = self._epoch_batches()
-
-    def _epoch_batches(self) -> list[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.examples), generator=generator).tolist()
-        size = self.batch_size * self.world_size
-        pool = size * self.BUCKET_POOL
-        batches = []
-        for start in range(0, len(order), pool):
-            chunk = sorted(order[start:start + pool], key=lambda i: len(self.examples[i].input_ids))
-            batches += [chunk[k:k + size] for k in range(0, len(chunk) - size + 1, size)]
-        shuffled = torch.randperm(len(batches), generator=generator).tolist()
-        return [batches[k] for k in shuffled]
-
-    def next_batch(self) -> dict:
-        if self.position >= len(self._batches):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._batches = self._epoch_batches()
-        batch = self._batches[self.position]
-        # (epoch, place in the epoch, example): the augmentation noise is seeded by the first two
-        place = self.position * len(batch)
-        mine = [(self.epoch, place + k, i) for k, i in enumerate(batch)][self.rank * self.batch_size:
-                                                                         (self.rank + 1) * self.batch_size]
-        self.position += 1
-        return collate([self._augmented(*pick) for pick in mine], self.pad_id, self.with_segments)
-
-    def _augmented(self, epoch: int, place: int, index: int) -> Example:
-        example = self.examples[index]
-        if not self.augment:
-            return example
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + place)
-        return augment(example, self.augment, self.augment_prob, self.special_ids, generator)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._batches = self._epoch_batches()
-
-
-def augment(example: Example, how: str, prob: float, special_ids: set[int], generator: torch.Generator) -> Example:
+def augment(example: Example, generator: torch.Generator, how: str, prob: float, special_ids: set[int]) -> Example:
     """A noisier copy for training (EDA's random deletion and swap): each content token is
     dropped with probability `prob`, or round(prob x length) pairs of content tokens change
     places. Special tokens (start, separators) stay where they are; at least one content token stays."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from lmforge.atomic import atomic_write_text
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.errors import LmforgeError
 from lmforge.finetune import classify
+from lmforge.finetune.batches import ExampleSampler
 from lmforge.finetune.tabular import Row, read_rows
 from lmforge.model import build_model
 from lmforge.model_folder import load_model, read_task
@@ -51,9 +53,14 @@ class TaskTrainer(Trainer):
 
     def make_sampler(self):
         self.model.label_smoothing = self.config.label_smoothing
-        return classify.ExampleSampler(self.train_store, self.config.batch_size, self.config.seed, self.pad_id,
-                                       self.model.config.type_vocab_size > 0, self.world.rank, self.world.world_size,
-                                       self.config.augment, self.config.augment_prob, tuple(self.tokenizer.special_ids))
+        with_segments = self.model.config.type_vocab_size > 0
+        transform = None
+        if self.config.augment:
+            how, prob, specials = self.config.augment, self.config.augment_prob, set(self.tokenizer.special_ids)
+            transform = partial(classify.augment, how=how, prob=prob, special_ids=specials)
+        return ExampleSampler(self.train_store, self.config.batch_size, self.config.seed,
+                              partial(classify.collate, pad_id=self.pad_id, with_segments=with_segments),
+                              self.world.rank, self.world.world_size, transform)
 
     def next_batch(self) -> dict:
         return self.sampler.next_batch()
