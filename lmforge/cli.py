@@ -46,6 +46,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     ]:
         p.add_argument(flag, type=kind)
     p.add_argument("--seq-len", type=int, help="tokens per training window (default: the model's block size)")
+    p.add_argument("--whole-word-mask", action=argparse.BooleanOptionalAction,
+                   help="masked LM: choose whole words, all their tokens together (default: single tokens)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (~50 s to compile on CPU)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="bf16 autocast (default: on only where the hardware has bf16 matrix units)")
@@ -86,7 +88,8 @@ def cmd_finetune(args) -> int:
         from lmforge.finetune.run import prepare_task_run
 
         return _train(options, prepare=prepare_task_run)
-    task_flags = sorted(k for k in ("text_column", "text_pair_column", "label_column", "pooling") if k in options)
+    task_flags = sorted(k for k in ("text_column", "text_pair_column", "label_column", "pooling", "chat_template")
+                        if k in options)
     if task_flags:
         raise LmforgeError(f"{', '.join('--' + k.replace('_', '-') for k in task_flags)} need --task")
     return _train(options, train_defaults=FINETUNE_DEFAULTS, require_init=True)
@@ -115,7 +118,8 @@ def _print_run_header(run) -> None:
     if trainer.task is not None:  # labelled examples, not a token stream
         print(run.corpus_summary)
         print(f"data: {len(trainer.train_store):,} train / {len(trainer.val_store):,} val examples; "
-              f"model: {model.config.arch} classifier, {model.num_parameters() / 1e6:.2f}M parameters")
+              f"model: {model.config.arch}{' classifier' if model.config.n_labels else ''}, "
+              f"{model.num_parameters() / 1e6:.2f}M parameters")
         _print_start(run)
         return
     if run.corpus_summary:
@@ -193,24 +197,45 @@ def cmd_generate(args) -> int:
         from lmforge.quantize import quantize_int8
 
         model = quantize_int8(model)
-    prompts = args.prompt
+    prompts = shown = args.prompt
+    if args.chat:  # each prompt is a user's turn in the folder's chat template; only the reply is printed
+        from lmforge.finetune.instruct import chat_prompts
+
+        prompts, shown = chat_prompts(args.model_dir, tokenizer, args.prompt), [""] * len(prompts)
     if args.stream:
         for index, prompt in enumerate(prompts):
             pieces = stream(model, tokenizer, [prompt], config)
             first = next(pieces)  # any error surfaces before anything is printed
-            print(("\n" + "-" * 40 + "\n" if index else "") + prompt + first[0], end="", flush=True)
+            print(("\n" + "-" * 40 + "\n" if index else "") + shown[index] + first[0], end="", flush=True)
             for piece in pieces:
                 print(piece[0], end="", flush=True)
             print()
         return 0
     outputs = generate(model, tokenizer, prompts, config)
-    for index, (prompt, text) in enumerate(zip(prompts, outputs, strict=True)):
+    for index, (prompt, text) in enumerate(zip(args.prompt, outputs, strict=True)):
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": text}))
             continue
         if index:
             print("-" * 40)
-        print(prompt + text)
+        print(shown[index] + text)
+    return 0
+
+
+def cmd_fill_mask(args) -> int:
+    from dataclasses import asdict
+
+    from lmforge.fill_mask import fill_mask_folder
+
+    masks = fill_mask_folder(args.model_dir, args.text, top_k=args.top_k)
+    if args.json:
+        print(json.dumps({"text": args.text, "masks": [[asdict(p) for p in mask] for mask in masks]},
+                         ensure_ascii=False))
+        return 0
+    for index, predictions in enumerate(masks, 1):
+        print(f"mask {index} of {len(masks)}:")
+        for p in predictions:
+            print(f"  {p.score:.4f}  {json.dumps(p.token_str, ensure_ascii=False)}")
     return 0
 
 
@@ -295,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fine = verbs.add_parser("finetune", help="train a model folder (lmforge or Hugging Face) on new text or a task")
     fine.add_argument("--model", help="model folder to start from; its architecture and tokenizer are kept")
-    fine.add_argument("--task", choices=["classify"], help="fine-tune for a labelled task (default: more text)")
+    fine.add_argument("--task", choices=["classify", "instruct"],
+                      help="fine-tune for a task: classify labelled texts, or answer instructions (default: more text)")
+    fine.add_argument("--chat-template", help="instruct: a Jinja chat template file (default: the folder's, or plain)")
     fine.add_argument("--text-column", help="classify: the text column (default: sentence or text)")
     fine.add_argument("--text-pair-column", help="classify: the second text of a pair (default: none)")
     fine.add_argument("--label-column", help="classify: the label column (default: label)")
@@ -320,9 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.add_argument("--int8", action="store_true", help="int8 weights: faster batch-1 decoding on CPU")
+    gen.add_argument("--chat", action="store_true",
+                     help="each prompt is a user's message, formatted by the folder's chat template; print the reply")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step: ~10%% faster per token, 15-50 s to compile once")
     gen.set_defaults(func=cmd_generate)
+
+    fill = verbs.add_parser("fill-mask", help="a masked LM's most likely tokens for each mask in a text")
+    fill.add_argument("model_dir", help="an encoder's model folder (lmforge, or a Hugging Face BertForMaskedLM)")
+    fill.add_argument("--text", required=True, help="text holding the tokenizer's mask token ([MASK] or <mask>)")
+    fill.add_argument("--top-k", type=int, default=5, help="candidates per mask (default 5)")
+    fill.add_argument("--json", action="store_true", help="print one JSON object")
+    fill.set_defaults(func=cmd_fill_mask)
 
     ev = verbs.add_parser("eval", help="held-out perplexity, or a fine-tuned model's task metrics")
     ev.add_argument("model_dir")

@@ -179,6 +179,7 @@ class TrainConfig:
     augment_prob: float = 0.1  # the share of a text's tokens that augmentation deletes or swaps
     objective: str = "clm"  # clm, mlm or denoise; chosen from the arch when not given
     mask_prob: float = 0.15
+    whole_word_mask: bool = False  # mlm: choose whole words (all their tokens together), not single tokens
     val_fraction: float = 0.1
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -207,6 +208,9 @@ class TrainConfig:
         if not 0.0 < self.mask_prob < 1.0:
             raise LmforgeError(f"mask_prob must be in (0, 1); got {self.mask_prob}")
         _check_choice("objective", self.objective, ("clm", "mlm", "denoise"))
+        if self.whole_word_mask and self.objective != "mlm":
+            raise LmforgeError(f"whole_word_mask applies to masked LM (objective mlm, an encoder's); "
+                               f"this run's objective is {self.objective}")
 
     @property
     def lr_floor(self) -> float:

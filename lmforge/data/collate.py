@@ -90,23 +90,93 @@ def eval_windows(store: TokenStore, block_size: int, batch_size: int,
         yield torch.from_numpy(x), torch.from_numpy(y)
 
 
+def word_start_table(tokenizer, size: int | None = None) -> torch.Tensor:
+    """A (size,) bool table over the vocabulary, True where a token begins a new word: what
+    whole-word masking needs, computed once from the token strings so that masking a batch stays
+    a table lookup.
+
+    A word is a run of non-space characters together with the whitespace just before it, which
+    fits every tokenizer lmforge reads:
+    - WordPiece (Hugging Face BERT): every token but the continuations, marked "##";
+    - byte-level BPE: a token whose first byte is whitespace (the "Ġ" of " the", the "Ċ" of a newline);
+    - char-level: a whitespace character.
+    A special token is a word of its own (the token after it starts another, see word_index),
+    except a char tokenizer's <unk>: an unknown character belongs to the word around it. Ids past
+    the tokenizer's vocabulary (a model's padded vocabulary) never occur in text; they are True.
+    """
+    from tokenizers import decoders, pre_tokenizers
+
+    inner = tokenizer.inner
+    size = max(size or 0, tokenizer.vocab_size)
+    model = type(inner.model).__name__
+    if model == "WordPiece":
+        prefix = inner.model.continuing_subword_prefix
+
+        def starts(token: str) -> bool:
+            return not token.startswith(prefix)
+    elif tokenizer.kind == "bpe" and isinstance(inner.decoder, decoders.ByteLevel):
+        byte_of = inner.decoder  # each of the 256 alphabet characters decodes to its one byte
+        spaces = {c for c in pre_tokenizers.ByteLevel.alphabet() if byte_of.decode([c]).isspace()}
+
+        def starts(token: str) -> bool:
+            return token[:1] in spaces
+    elif tokenizer.kind == "char":
+        def starts(token: str) -> bool:
+            return token.isspace()
+    else:
+        raise LmforgeError(f"whole-word masking knows WordPiece, byte-level BPE and char tokenizers; "
+                           f"this one is {tokenizer.kind}")
+    table = torch.ones(size, dtype=torch.bool)
+    specials = set(tokenizer.special_ids)
+    for token, i in inner.get_vocab(with_added_tokens=True).items():
+        if i not in specials:
+            table[i] = starts(token)
+    if tokenizer.kind == "char" and tokenizer.unk_id is not None:
+        table[tokenizer.unk_id] = False
+    return table
+
+
+def word_index(ids: torch.Tensor, word_starts: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
+    """(batch, T): which word of its row each position belongs to, counting from 0.
+
+    A special token that starts a word also ends it (the text after <|endoftext|> or [SEP] is a new
+    word even without a leading space); a window's first token starts a word, even mid-word: the
+    rest of that word lies outside the window."""
+    starts = word_starts[ids]
+    alone = starts & torch.isin(ids, special)
+    starts[:, 1:] |= alone[:, :-1]
+    starts[:, 0] = True
+    return starts.long().cumsum(dim=-1) - 1
+
+
 def mask_tokens(ids: torch.Tensor, mask_id: int, vocab_size: int, prob: float, generator: torch.Generator,
-                special_ids: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                special_ids: Sequence[int] = (), word_starts: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking of a (batch, T) tensor: returns (inputs, labels).
 
     About `prob` of the non-special positions of each row (at least one) are chosen; of those
     80% become mask_id, 10% a random non-special token and 10% stay unchanged, so the model
     cannot learn that only [MASK] positions matter. labels hold the original id at chosen
     positions and -100 elsewhere.
+
+    With `word_starts` (word_start_table), whole words are chosen: each word with probability
+    `prob`, so every token is still chosen with probability `prob` (the expected share stays
+    `prob`; words are independent, tokens of a word are not), and the 80/10/10 split is then
+    drawn per token, as in BERT's own whole-word masking. Without it every token is a word.
     """
     special = torch.tensor(sorted(set(special_ids)), dtype=ids.dtype)
     eligible = ~torch.isin(ids, special)
-    chosen = (torch.rand(ids.shape, generator=generator) < prob) & eligible
+    if word_starts is None:
+        words = torch.arange(ids.shape[-1]).expand_as(ids)
+    else:
+        words = word_index(ids, word_starts, special)
+    # One draw per word, read by each of its tokens (word k of a row uses the row's k-th draw).
+    chosen = (torch.rand(ids.shape, generator=generator).gather(-1, words) < prob) & eligible
     empty = ~chosen.any(dim=-1) & eligible.any(dim=-1)
-    if empty.any():  # force one pick in rows the dice left empty: every row then has a loss
+    if empty.any():  # force one word in rows the dice left empty: every row then has a loss
         scores = torch.rand(ids.shape, generator=generator).masked_fill(~eligible, -1.0)
-        forced = torch.zeros_like(chosen).scatter_(-1, scores.argmax(dim=-1, keepdim=True), True)
-        chosen |= forced & empty.unsqueeze(-1)
+        picked_word = words.gather(-1, scores.argmax(dim=-1, keepdim=True))
+        chosen |= (words == picked_word) & eligible & empty.unsqueeze(-1)
     action = torch.rand(ids.shape, generator=generator)
     vocab = torch.arange(vocab_size, dtype=ids.dtype)
     allowed = vocab[~torch.isin(vocab, special)]
@@ -115,6 +185,20 @@ def mask_tokens(ids: torch.Tensor, mask_id: int, vocab_size: int, prob: float, g
     inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
     labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
     return inputs, labels
+
+
+def segment_ids(ids: torch.Tensor, separator_id: int) -> torch.Tensor:
+    """(batch, T) segment ids for masked LM with segment embeddings: 0 up to and including a
+    row's first separator, 1 after it; 0 throughout a row without one.
+
+    lmforge's token stream has no sentence pairs, only documents each closed by the separator
+    (eos). A window that crosses a document's end therefore reads as BERT's `A [SEP] B`: segment
+    A ends with the separator, segment B is what follows, the way classify.py builds a pair for
+    fine-tuning (`a <eos>` as segment 0, `b <eos>` as 1). There is no next-sentence prediction:
+    B is simply the text that came next in the corpus."""
+    is_separator = (ids == separator_id).long()
+    separators_before = is_separator.cumsum(dim=-1) - is_separator
+    return (separators_before > 0).long()
 
 
 def _span_mask(length: int, n_masked: int, mean_span: float, generator: torch.Generator) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from lmforge.atomic import atomic_write_text
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.errors import LmforgeError
-from lmforge.finetune import classify
+from lmforge.finetune import classify, instruct
 from lmforge.finetune.batches import ExampleSampler
 from lmforge.finetune.tabular import Row, read_rows
 from lmforge.model import build_model
@@ -30,47 +30,52 @@ from lmforge.train.distributed import init_world
 from lmforge.train.pretrain import FINETUNE_DEFAULTS, Run, _as_list, _read_json
 from lmforge.train.trainer import Trainer
 
-TASKS = ("classify",)
-RUN_FIELDS = {"task", "init", "data", "val_data", "out", "resume", "text_column", "text_pair_column", "label_column"}
+TASKS = ("classify", "instruct")
+RUN_FIELDS = {"task", "init", "data", "val_data", "out", "resume", "text_column", "text_pair_column", "label_column",
+              "chat_template"}
 MODEL_FIELDS = {"dropout", "attn_dropout", "pooling"}  # what a task run may change about its start model
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
-# A labelled task sees each example many times: a larger batch, and the fine-tuning schedule.
-CLASSIFY_DEFAULTS = {**FINETUNE_DEFAULTS, "batch_size": 32}
+# The fine-tuning schedule; short labelled texts take a larger batch than conversations.
+TASK_DEFAULTS = {"classify": {**FINETUNE_DEFAULTS, "batch_size": 32},
+                 "instruct": {**FINETUNE_DEFAULTS, "batch_size": 8}}
 
 
 class TaskTrainer(Trainer):
-    """The Trainer, fed labelled examples and judged by accuracy (higher is better)."""
-
-    selection_metric = ("accuracy", True)
+    """The Trainer, fed a task's examples: a classifier judged by accuracy (higher is better), an
+    instruction-tuned decoder by the loss of its answers."""
 
     def __init__(self, model, config, train_examples, val_examples, run_dir, tokenizer, task: dict, world=None):
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        self.classify = task["task"] == "classify"
+        self.selection_metric = ("accuracy", True) if self.classify else ("loss", False)
         super().__init__(model, config, train_examples, val_examples, run_dir, tokenizer,
-                         objective="classify", world=world)
+                         objective=task["task"], world=world)
         self.task = task
         mean_length = sum(len(e.input_ids) for e in train_examples) / len(train_examples)
         self.tokens_per_step = round(config.batch_size * config.grad_accum * mean_length * self.world.world_size)
 
     def make_sampler(self):
-        self.model.label_smoothing = self.config.label_smoothing
-        with_segments = self.model.config.type_vocab_size > 0
         transform = None
-        if self.config.augment:
-            how, prob, specials = self.config.augment, self.config.augment_prob, set(self.tokenizer.special_ids)
-            transform = partial(classify.augment, how=how, prob=prob, special_ids=specials)
-        return ExampleSampler(self.train_store, self.config.batch_size, self.config.seed,
-                              partial(classify.collate, pad_id=self.pad_id, with_segments=with_segments),
+        if not self.classify:
+            collate = partial(instruct.collate, pad_id=self.pad_id)
+        else:
+            self.model.label_smoothing = self.config.label_smoothing
+            collate = partial(classify.collate, pad_id=self.pad_id, with_segments=self.model.config.type_vocab_size > 0)
+            if self.config.augment:
+                transform = partial(classify.augment, how=self.config.augment, prob=self.config.augment_prob,
+                                    special_ids=set(self.tokenizer.special_ids))
+        return ExampleSampler(self.train_store, self.config.batch_size, self.config.seed, collate,
                               self.world.rank, self.world.world_size, transform)
 
     def next_batch(self) -> dict:
         return self.sampler.next_batch()
 
     def evaluate(self, max_batches: int | None = None, full: bool = False) -> dict:
-        return classify.score(self.model, self.val_store, self.config.batch_size, self.pad_id)
+        scorer = classify.score if self.classify else instruct.score
+        return scorer(self.model, self.val_store, self.config.batch_size, self.pad_id)
 
-    @staticmethod
-    def headline(result: dict) -> tuple[str, str]:
-        return "val_acc", f"{result['accuracy']:.3f}"
+    def headline(self, result: dict) -> tuple[str, str]:
+        return ("val_acc", f"{result['accuracy']:.3f}") if self.classify else super().headline(result)
 
 
 def _split(options: dict, init: str | None) -> tuple[dict, dict, dict]:
@@ -115,7 +120,8 @@ def prepare_task_run(options: dict) -> Run:
     train_paths = _as_list(run_opts.get("data"))
     if not train_paths:
         raise LmforgeError("--data is required: a TSV, CSV or JSONL file of labelled rows")
-    train_opts = {**(_read_json(out / "train_config.json") if restart else CLASSIFY_DEFAULTS), **train_opts}
+    train_opts = {**(_read_json(out / "train_config.json") if restart else TASK_DEFAULTS[run_opts["task"]]),
+                  **train_opts}
     train_config = TrainConfig.from_dict(train_opts)
 
     world = init_world()
@@ -124,8 +130,12 @@ def prepare_task_run(options: dict) -> Run:
         task, tokenizer = read_task(out), Tokenizer.load(out / "tokenizer.json")
         config = ModelConfig.from_dict({**_read_json(out / "config.json"), **model_opts})
         model = build_model(config)
+    elif run_opts["task"] == "instruct":
+        model, tokenizer, task = _start_instruct(init, model_opts, run_opts)
     else:
         model, tokenizer, task = _start_model(init, model_opts, train_paths, run_opts)
+    if train_config.augment and task["task"] != "classify":
+        raise LmforgeError("--augment applies to --task classify")
     train_rows = read_labelled(train_paths)
     val_paths = _as_list(run_opts.get("val_data"))
     val_rows = read_labelled(val_paths) if val_paths else None
@@ -134,14 +144,16 @@ def prepare_task_run(options: dict) -> Run:
     resumed = trainer.resume() if resume else False
     if not resume:
         trainer.forget_metrics_after(0)
-    summary = "\n".join([*(f"note: {note}" for note in notes), f"labels: {', '.join(task['labels'])}"])
+    what = f"labels: {', '.join(task['labels'])}" if task["task"] == "classify" else "answers are the targets"
+    summary = "\n".join([*(f"note: {note}" for note in notes), what])
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         model.config.save(out / "config.json")
         tokenizer.save(out / "tokenizer.json")
         atomic_write_text(out / "task.json", json.dumps(task, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(out / "train_config.json", json.dumps(train_config.to_dict(), indent=2) + "\n")
-        record = {key: run_opts.get(key) for key in ("task", "text_column", "text_pair_column", "label_column")}
+        record = {key: run_opts.get(key) for key in ("task", "text_column", "text_pair_column", "label_column",
+                                                     "chat_template")}
         record.update(init=os.path.abspath(init), data=[os.path.abspath(p) for p in train_paths],
                       val_data=[os.path.abspath(p) for p in val_paths] or None)
         atomic_write_text(out / "run.json", json.dumps(record, indent=2) + "\n")  # last: the folder is ready
@@ -176,11 +188,32 @@ def _start_model(init: str, model_opts: dict, train_paths: list[str], run_opts: 
     return model, tokenizer, task
 
 
+def _start_instruct(init: str, model_opts: dict, run_opts: dict):
+    """An instruction-tuning run starts from a decoder language model, whole; the chat template
+    is the one given (a Jinja file), else the folder's own, else lmforge's plain default."""
+    base, tokenizer = load_model(init)
+    if base.config.arch != "decoder" or base.config.n_labels:
+        raise LmforgeError(f"{init} is not a decoder language model; instruction tuning needs one")
+    config = ModelConfig.from_dict({**base.config.to_dict(), **model_opts})
+    model = build_model(config)
+    model.load_state_dict(base.state_dict())
+    template = (read_task(init) or {}).get("chat_template") or instruct.DEFAULT_CHAT_TEMPLATE
+    if run_opts.get("chat_template"):
+        path = Path(run_opts["chat_template"])
+        if not path.is_file():
+            raise LmforgeError(f"chat template file not found: {path}")
+        template = path.read_text(encoding="utf-8")
+    instruct.render(template, [{"role": "user", "content": "hi"}], tokenizer, add_generation_prompt=True)  # fails early
+    return model, tokenizer, {"task": "instruct", "chat_template": template}
+
+
 def _examples(train_rows, val_rows, task: dict, tokenizer, config: ModelConfig, train_config: TrainConfig):
     """Train and validation examples (a seeded share of the training rows when no --val-data),
     and one note per file that had rows to skip. No usable row at all is an error."""
 
     def build(path, rows):
+        if task["task"] == "instruct":
+            return instruct.build_examples(rows, tokenizer, task["chat_template"], config.block_size, path)
         columns = classify.find_columns(rows, path, task.get("text_column"), task.get("text_pair_column"),
                                         task.get("label_column"))
         return classify.build_examples(rows, columns, task["labels"], tokenizer, config.block_size, config.arch,

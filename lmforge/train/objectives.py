@@ -1,7 +1,9 @@
 """Pretraining objectives: how a window of tokens becomes model inputs and labels.
 
 - clm: next-token prediction (decoder). The window sampler already yields (x, y = x shifted).
-- mlm: BERT masking (encoder): 15% of tokens chosen, 80% → <mask>, 10% random, 10% kept.
+- mlm: BERT masking (encoder): 15% of tokens chosen, 80% → <mask>, 10% random, 10% kept;
+  optionally whole words at a time; segment ids 0/1 split at the first eos of the window when
+  the model has segment embeddings (collate.segment_ids says why that is the pair).
 - denoise: BART-style text infilling (encoder-decoder): spans of the source collapse into one
   <mask> each; the decoder rebuilds the original window.
 Each returns the keyword arguments of `LanguageModel.forward`, labels included.
@@ -13,8 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from lmforge.config import ModelConfig
-from lmforge.data.collate import corrupt_spans, mask_tokens
+from lmforge.config import ModelConfig, TrainConfig
+from lmforge.data.collate import corrupt_spans, mask_tokens, segment_ids, word_start_table
 from lmforge.errors import LmforgeError
 
 DEFAULT_FOR_ARCH = {"decoder": "clm", "encoder": "mlm", "encoder-decoder": "denoise"}
@@ -22,16 +24,34 @@ ARCHS_FOR_OBJECTIVE = {"clm": ("decoder",), "mlm": ("encoder",), "denoise": ("en
 
 
 class Objective:
-    def __init__(self, name: str, config: ModelConfig, mask_prob: float = 0.15, special_ids: Sequence[int] = ()):
+    def __init__(self, name: str, config: ModelConfig, mask_prob: float = 0.15, special_ids: Sequence[int] = (),
+                 word_starts: torch.Tensor | None = None):
         """`special_ids`: the tokenizer's own special tokens (e.g. <unk>, which the config does not
-        name); masking never selects them, nor the config's pad, eos, bos and mask."""
+        name); masking never selects them, nor the config's pad, eos, bos and mask. `word_starts`
+        (collate.word_start_table): mlm masks whole words."""
         if config.arch not in ARCHS_FOR_OBJECTIVE[name]:
             raise LmforgeError(f"objective {name} does not fit arch {config.arch}; use {DEFAULT_FOR_ARCH[config.arch]}")
         if name in ("mlm", "denoise") and config.mask_token_id is None:
             raise LmforgeError(f"objective {name} needs a <mask> token in the tokenizer")
-        self.name, self.config, self.mask_prob = name, config, mask_prob
+        if word_starts is not None and name != "mlm":
+            raise LmforgeError(f"whole-word masking is for the mlm objective; this one is {name}")
+        self.name, self.config, self.mask_prob, self.word_starts = name, config, mask_prob, word_starts
         roles = (config.pad_token_id, config.eos_token_id, config.bos_token_id, config.mask_token_id)
         self.special_ids = sorted({i for i in (*roles, *special_ids) if i is not None})
+        # Segment embeddings learn "first part / second part" only if pretraining shows both parts.
+        self.with_segments = name == "mlm" and config.type_vocab_size >= 2 and config.eos_token_id is not None
+
+    @classmethod
+    def for_training(cls, train: TrainConfig, config: ModelConfig, tokenizer=None) -> Objective:
+        """The objective a training run's options ask for: the tokenizer's special tokens are never
+        masked, and with train.whole_word_mask its word-start table makes mlm mask whole words."""
+        specials = tokenizer.special_ids if tokenizer is not None else ()
+        word_starts = None
+        if train.whole_word_mask:
+            if tokenizer is None:
+                raise LmforgeError("whole-word masking needs the tokenizer: words are read from its token strings")
+            word_starts = word_start_table(tokenizer, config.vocab_size)
+        return cls(train.objective, config, train.mask_prob, specials, word_starts)
 
     def batch(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> dict:
         if self.name == "clm":
@@ -40,11 +60,15 @@ class Objective:
         x, y = x[whole], y[whole]
         window = torch.cat([x, y[:, -1:]], dim=1)  # the full block+1 tokens
         if self.name == "mlm":
+            ids = window[:, :-1]
             inputs, labels = mask_tokens(
-                window[:, :-1], self.config.mask_token_id, self.config.vocab_size, self.mask_prob,
-                generator, self.special_ids,
+                ids, self.config.mask_token_id, self.config.vocab_size, self.mask_prob,
+                generator, self.special_ids, self.word_starts,
             )
-            return {"input_ids": inputs, "labels": labels}
+            batch = {"input_ids": inputs, "labels": labels}
+            if self.with_segments:
+                batch["token_type_ids"] = segment_ids(ids, self.config.eos_token_id)
+            return batch
         source = corrupt_spans(window[:, :-1], self.config.mask_token_id, self.mask_prob, generator)
         attention_mask = (source != -1).long()
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0

@@ -93,8 +93,7 @@ class Trainer:
         self.world = world or World()
         self.run_dir = Path(run_dir)
         self.train_store, self.val_store = train_store, val_store
-        specials = tokenizer.special_ids if tokenizer is not None else ()  # <unk> too: never masked
-        self.objective = objective or Objective(config.objective, model.config, config.mask_prob, specials)
+        self.objective = objective or Objective.for_training(config, model.config, tokenizer)
         self.seq_len = block = config.seq_len or model.config.block_size
         if block > model.config.block_size:
             raise LmforgeError(f"seq_len {block} is longer than the model's block_size {model.config.block_size}")
@@ -132,8 +131,7 @@ class Trainer:
         x, y = self.sampler.next_batch()
         return self.objective.batch(x, y, self.generator)
 
-    @staticmethod
-    def headline(result: dict) -> tuple[str, str]:
+    def headline(self, result: dict) -> tuple[str, str]:
         """The validation figure the progress bar shows: (short name, formatted value)."""
         return "val_ppl", f"{result['perplexity']:.2f}"
 
