@@ -1,12 +1,25 @@
 """`lmforge <verb>`: the command line. Each verb parses flags and calls the library; mistakes a
-user can fix end as one line on stderr with exit code 2, never a traceback."""
+user can fix end as one line on stderr with exit code 2, never a traceback.
+
+This module holds the parser and `main`; the verbs that train are in training.py, the ones that
+use a model folder in commands.py.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from lmforge.cli.commands import (
+    cmd_convert,
+    cmd_demo,
+    cmd_eval,
+    cmd_fill_mask,
+    cmd_generate,
+    cmd_predict,
+    cmd_tokenizer_train,
+)
+from lmforge.cli.training import cmd_finetune, cmd_pretrain
 from lmforge.errors import LmforgeError
 
 
@@ -58,240 +71,6 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show the progress bar")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--out", help="run folder (it becomes a model folder)")
-
-
-def _options(args: argparse.Namespace, skip: tuple[str, ...] = ("command", "config", "func")) -> dict:
-    """Config file values, overridden by every flag actually given."""
-    from lmforge.config import read_config_file
-
-    options = dict(read_config_file(args.config)) if getattr(args, "config", None) else {}
-    options = {k.replace("-", "_"): v for k, v in options.items()}
-    options.update({k: v for k, v in vars(args).items() if v is not None and k not in skip})
-    return options
-
-
-def cmd_pretrain(args) -> int:
-    options = _options(args)
-    if "init" in options:  # prepare_run's way in for finetune; here it would be a silent fine-tune
-        raise LmforgeError("unknown option(s): init (to start from a model folder: lmforge finetune --model)")
-    return _train(options)
-
-
-def cmd_finetune(args) -> int:
-    from lmforge.train.pretrain import FINETUNE_DEFAULTS
-
-    options = _options(args)  # a config file may name the start folder `model`, like the flag
-    model = options.pop("model", None)
-    if model:
-        options["init"] = model
-    if options.get("task"):
-        from lmforge.finetune.run import prepare_task_run
-
-        return _train(options, prepare=prepare_task_run)
-    task_flags = sorted(k for k in ("text_column", "text_pair_column", "label_column", "pooling", "chat_template")
-                        if k in options)
-    if task_flags:
-        raise LmforgeError(f"{', '.join('--' + k.replace('_', '-') for k in task_flags)} need --task")
-    return _train(options, train_defaults=FINETUNE_DEFAULTS, require_init=True)
-
-
-def _train(options: dict, prepare=None, **how) -> int:
-    """pretrain and finetune: one run on this process (or this rank of a torchrun job)."""
-    from lmforge.train.distributed import shutdown_world
-    from lmforge.train.pretrain import prepare_run
-
-    run = (prepare or prepare_run)(options, **how)
-    main = run.trainer.world.is_main  # under torchrun, rank 0 speaks for all
-    try:
-        if main:
-            _print_run_header(run)
-        summary = run.trainer.fit()
-        if main:
-            _print_summary(summary, run.trainer.run_dir)
-    finally:
-        shutdown_world(run.trainer.world)
-    return 0
-
-
-def _print_run_header(run) -> None:
-    model, trainer = run.model, run.trainer
-    if trainer.task is not None:  # labelled examples, not a token stream
-        print(run.corpus_summary)
-        print(f"data: {len(trainer.train_store):,} train / {len(trainer.val_store):,} val examples; "
-              f"model: {model.config.arch}{' classifier' if model.config.n_labels else ''}, "
-              f"{model.num_parameters() / 1e6:.2f}M parameters")
-        _print_start(run)
-        return
-    if run.corpus_summary:
-        print(f"corpus: {run.corpus_summary}")
-    print(
-        f"data: {len(trainer.train_store):,} train / {len(trainer.val_store):,} val tokens; "
-        f"tokenizer: {run.tokenizer.kind}, {run.tokenizer.vocab_size} tokens"
-    )
-    print(
-        f"model: {model.config.arch}, {model.num_parameters() / 1e6:.2f}M parameters, "
-        f"{model.flops_per_token() / 1e6:.1f} MFLOP per trained token"
-    )
-    unk = run.tokenizer.unk_id
-    unknown = trainer.train_store.count(unk) / max(len(trainer.train_store), 1) if unk is not None else 0.0
-    if unknown >= 0.001:  # a char tokenizer reused on new text (finetune, --tokenizer FILE) maps new characters here
-        print(f"note: {unknown:.1%} of the training tokens are unknown to the tokenizer")
-    _print_start(run)
-
-
-def _print_start(run) -> None:
-    if run.init and not run.resumed:
-        print(f"starting from {run.init}")
-    if run.resumed:
-        print(f"resuming at step {run.trainer.step}")
-
-
-def _print_summary(summary: dict, run_dir) -> None:
-    val = summary.get("val") or {}
-    line = f"done: step {summary['step']}"
-    if "perplexity" in val:
-        line += f", val loss {val['loss']:.4f}, perplexity {val['perplexity']:.2f}"
-    elif "accuracy" in val:
-        line += f", val accuracy {val['accuracy']:.4f}, macro-F1 {val['macro_f1']:.4f}"
-    if summary["skipped_steps"]:
-        line += f", {summary['skipped_steps']} non-finite steps skipped"
-    best = summary.get("best")
-    if best and best["step"] is not None:
-        how = "stopped early: no better validation for a while; " if summary.get("stopped_early") else ""
-        line += f"; {how}best val {best['metric']} {best['value']:.4f} at step {best['step']} (the folder's model)"
-    print(f"{line}; model folder: {run_dir}")
-
-
-def cmd_tokenizer_train(args) -> int:
-    from lmforge.data.corpus import load_corpus
-    from lmforge.tokenize import Tokenizer
-
-    documents, stats = load_corpus(args.data)
-    tokenizer = Tokenizer.train(args.kind, documents, vocab_size=args.vocab_size)
-    tokenizer.save(args.out)
-    print(f"{tokenizer.kind} tokenizer, {tokenizer.vocab_size} tokens, from {stats.summary()} → {args.out}")
-    return 0
-
-
-def _generation_config(args):
-    from lmforge.generate import GenerationConfig
-
-    return GenerationConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        stop=tuple(args.stop or ()), seed=args.seed, compile=getattr(args, "compile", False),
-    )
-
-
-def cmd_generate(args) -> int:
-    import torch
-
-    from lmforge.generate import generate, stream
-    from lmforge.model_folder import load_model
-
-    config = _generation_config(args)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model_dir)
-    if args.int8:
-        from lmforge.quantize import quantize_int8
-
-        model = quantize_int8(model)
-    prompts = shown = args.prompt
-    if args.chat:  # each prompt is a user's turn in the folder's chat template; only the reply is printed
-        from lmforge.finetune.instruct import chat_prompts
-
-        prompts, shown = chat_prompts(args.model_dir, tokenizer, args.prompt), [""] * len(prompts)
-    if args.stream:
-        for index, prompt in enumerate(prompts):
-            pieces = stream(model, tokenizer, [prompt], config)
-            first = next(pieces)  # any error surfaces before anything is printed
-            print(("\n" + "-" * 40 + "\n" if index else "") + shown[index] + first[0], end="", flush=True)
-            for piece in pieces:
-                print(piece[0], end="", flush=True)
-            print()
-        return 0
-    outputs = generate(model, tokenizer, prompts, config)
-    for index, (prompt, text) in enumerate(zip(args.prompt, outputs, strict=True)):
-        if args.json:
-            print(json.dumps({"prompt": prompt, "completion": text}))
-            continue
-        if index:
-            print("-" * 40)
-        print(shown[index] + text)
-    return 0
-
-
-def cmd_fill_mask(args) -> int:
-    from dataclasses import asdict
-
-    from lmforge.fill_mask import fill_mask_folder
-
-    masks = fill_mask_folder(args.model_dir, args.text, top_k=args.top_k)
-    if args.json:
-        print(json.dumps({"text": args.text, "masks": [[asdict(p) for p in mask] for mask in masks]},
-                         ensure_ascii=False))
-        return 0
-    for index, predictions in enumerate(masks, 1):
-        print(f"mask {index} of {len(masks)}:")
-        for p in predictions:
-            print(f"  {p.score:.4f}  {json.dumps(p.token_str, ensure_ascii=False)}")
-    return 0
-
-
-def cmd_eval(args) -> int:
-    from lmforge.evaluate.perplexity import evaluate_corpus
-    from lmforge.model_folder import load_model, read_task
-
-    if read_task(args.model_dir) is not None:
-        return _eval_task(args)
-    model, tokenizer = load_model(args.model_dir)
-    if model.config.n_labels:
-        raise LmforgeError(f"{args.model_dir} is a sequence classifier with no task.json: no label names to score")
-    result = evaluate_corpus(model, tokenizer, args.data, batch_size=args.batch_size, max_batches=args.max_batches)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        line = f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}"
-        if "bits_per_byte" in result:
-            line += f"  bits/byte {result['bits_per_byte']:.4f}"
-        print(f"{line}  ({result['tokens']:,} tokens)")
-    return 0
-
-
-def _eval_task(args) -> int:
-    from lmforge.finetune.predict import eval_command
-
-    return eval_command(args)
-
-
-def cmd_predict(args) -> int:
-    from lmforge.finetune.predict import predict_command
-
-    return predict_command(args)
-
-
-def cmd_convert(args) -> int:
-    from lmforge.model_folder import convert_from_hf, convert_to_hf
-
-    if args.from_hf:
-        model = convert_from_hf(args.from_hf, args.out)
-        source, kind = args.from_hf, "Hugging Face"
-    else:
-        model = convert_to_hf(args.to_hf, args.out)
-        source, kind = args.to_hf, "lmforge"
-    config = model.config
-    print(
-        f"{kind} {source} → {args.out}: {config.arch}, {config.n_layer} layers × {config.n_embd}, "
-        f"{model.num_parameters() / 1e6:.2f}M parameters"
-    )
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from lmforge.demo import run_demo
-
-    return run_demo(minutes=args.minutes, out=args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,7 +191,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lmforge {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
