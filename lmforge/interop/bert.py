@@ -19,6 +19,7 @@ from lmforge.interop.mapping import (
     Param,
     activation_to_hf,
     block_params,
+    classifier_labels,
     linear,
     plain_attention,
     require,
@@ -62,13 +63,7 @@ def config_from_hf(hf: HFConfig, architecture: str) -> dict:
     hf.expect("is_decoder", False)
     hf.expect("add_cross_attention", False)
     hf.expect("position_embedding_type", "absolute")
-    n_labels = None
-    if architecture == CLASSIFIER:
-        # the loss differs for the other problem types; the logits would not
-        hf.expect("problem_type", None, "single_label_classification")
-        n_labels = len(hf["id2label"]) if hf["id2label"] else hf["num_labels"]
-        if n_labels < 2:
-            raise hf.refuse("num_labels", "regression (one label) is not supported; lmforge classifies")
+    n_labels = classifier_labels(hf) if architecture == CLASSIFIER else None
     if hf["type_vocab_size"] < 1:
         raise hf.refuse("type_vocab_size", "BERT needs at least 1")
     return dict(
@@ -117,10 +112,7 @@ def config_to_hf(config: ModelConfig) -> dict:
         "layer_norm_eps": config.norm_eps,
         "tie_word_embeddings": config.tie_embeddings,
     }
-    if config.n_labels:
-        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.n_labels)}
-        hf["label2id"] = {f"LABEL_{i}": i for i in range(config.n_labels)}
-    return hf
+    return hf  # a classifier's id2label comes from its task.json (hf.to_hf)
 
 
 def params(config: ModelConfig) -> Iterator[Param]:
