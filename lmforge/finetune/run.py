@@ -110,7 +110,7 @@ def prepare_task_run(options: dict) -> Run:
     saved = _read_json(out / "run.json") if restart else {}
     if restart and saved.get("task") != run_opts["task"]:
         raise LmforgeError(f"{out} holds no {run_opts['task']} run to resume")
-    for key in ("init", "data", "val_data", "text_column", "text_pair_column", "label_column"):
+    for key in ("init", "data", "val_data", "text_column", "text_pair_column", "label_column", "chat_template"):
         run_opts.setdefault(key, saved.get(key))
     init = run_opts.get("init")
     if not init:
