@@ -91,6 +91,10 @@ def test_an_instruction_tuned_decoder_answers_through_generate_chat(tmp_path, de
     replies = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["completion"] for r in replies] == ["white", "black"]  # the answer, then the end-of-text token
     assert [r["prompt"] for r in replies] == ["colour of snow", "colour of coal"]
+    assert main(["eval", str(tmp_path / "chat"), "--data", str(data), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["loss"] == pytest.approx(summary["val"]["loss"], rel=1e-5)  # the same answers, the same loss
+    assert scored["tokens"] == summary["val"]["tokens"]
 
 
 def test_a_chat_template_file_is_used_and_kept(tmp_path, decoder_folder):

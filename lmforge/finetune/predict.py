@@ -10,7 +10,7 @@ import json
 import sys
 
 from lmforge.errors import LmforgeError
-from lmforge.finetune import classify
+from lmforge.finetune import classify, instruct
 from lmforge.finetune.tabular import Row, read_rows
 from lmforge.model_folder import load_model, read_task
 
@@ -70,21 +70,29 @@ def _texts(rows: list[Row], columns: classify.Columns, path) -> tuple[list[str],
 
 
 def evaluate_file(model, tokenizer, task: dict, paths: list[str], batch_size: int = BATCH_SIZE) -> dict:
-    """A classifier's accuracy and macro-F1 on labelled files; rows it cannot score are counted."""
+    """A task model's metrics on files of its kind of rows: a classifier's accuracy and macro-F1 on
+    labelled rows, an instruction-tuned model's loss and perplexity on its answers. Rows it
+    cannot score are counted and reported."""
     examples, notes = [], []
     for path in paths:
         rows = read_rows(path)
-        columns = classify.find_columns(rows, path, task.get("text_column"), task.get("text_pair_column"),
-                                        task.get("label_column"))
-        found, skipped = classify.build_examples(rows, columns, task["labels"], tokenizer, model.config.block_size,
-                                                 model.config.arch, task["template"], path)
+        if task["task"] == "instruct":
+            found, skipped = instruct.build_examples(rows, tokenizer, task["chat_template"], model.config.block_size,
+                                                     path)
+        else:
+            columns = classify.find_columns(rows, path, task.get("text_column"), task.get("text_pair_column"),
+                                            task.get("label_column"))
+            found, skipped = classify.build_examples(rows, columns, task["labels"], tokenizer,
+                                                     model.config.block_size, model.config.arch, task["template"],
+                                                     path)
         examples += found
         if skipped.count:
             notes.append(skipped.summary())
     if not examples:
-        raise LmforgeError("; ".join(notes) or "no labelled rows to score")
+        raise LmforgeError("; ".join(notes) or "no rows to score")
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    return {**classify.score(model, examples, batch_size, pad_id), "skipped": notes}
+    scorer = instruct.score if task["task"] == "instruct" else classify.score
+    return {**scorer(model, examples, batch_size, pad_id), "skipped": notes}
 
 
 def eval_command(args) -> int:
@@ -97,6 +105,8 @@ def eval_command(args) -> int:
         print(f"note: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
+    elif task["task"] == "instruct":
+        print(f"answer loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']:,} tokens)")
     else:
         print(f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  loss {result['loss']:.4f}  "
               f"({result['examples']:,} examples)")
