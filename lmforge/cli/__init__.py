@@ -16,9 +16,11 @@ from lmforge.cli.commands import (
     cmd_eval,
     cmd_fill_mask,
     cmd_generate,
+    cmd_merge_lora,
     cmd_predict,
     cmd_tokenizer_train,
 )
+from lmforge.cli.search import cmd_search
 from lmforge.cli.training import cmd_finetune, cmd_pretrain
 from lmforge.errors import LmforgeError
 
@@ -109,8 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
                       help="classify: randomly delete or swap tokens of training texts (--augment-prob, seeded)")
     fine.add_argument("--pooling", choices=["cls", "mean", "last"],
                       help="classify: the sequence's vector (default: cls for encoders, last for decoders)")
+    fine.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank on the frozen model (e.g. 8)")
+    fine.add_argument("--lora-alpha", type=float, help="LoRA: updates are scaled by alpha/rank (default 2*rank)")
+    fine.add_argument("--lora-targets", help="LoRA: comma-separated layers out of q,k,v,o,ffn (default q,v)")
     _add_training_flags(fine)
     fine.set_defaults(func=cmd_finetune)
+
+    search = verbs.add_parser("search", help="hyperparameter search over pretrain or finetune runs (Optuna)")
+    search.add_argument("--space", required=True,
+                        help="YAML file: option name → {low: A, high: B, log: true} or {choices: [...]}")
+    search.add_argument("--trials", type=int, required=True, help="finished trials to stop at (complete or pruned)")
+    search.add_argument("--sampler", choices=["grid", "random", "tpe"], default="tpe", help="(default tpe)")
+    search.add_argument("--jobs", type=int, default=1, help="worker processes on this machine (default 1)")
+    search.add_argument("--timeout", type=float, help="start no trial after this many seconds")
+    search.add_argument("--storage", help="the study's database URL, shareable (default sqlite:///OUT/study.db)")
+    search.add_argument("--seed", type=int, help="the sampler's seed (default: random)")
+    search.add_argument("--out", required=True, help="folder for the trials' runs, results and best/")
+    search.add_argument("training", nargs="*", metavar="-- pretrain|finetune FLAGS",
+                        help="the training command line each trial runs, with its values on top")
+    search.set_defaults(func=cmd_search)
 
     gen = verbs.add_parser("generate", help="generate text from a model folder (or a Hugging Face one)")
     gen.add_argument("model_dir")
@@ -164,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     direction.add_argument("--to-hf", metavar="MODEL_DIR", help="an lmforge model folder")
     conv.add_argument("--out", required=True, help="folder to write (must not exist, or be empty)")
     conv.set_defaults(func=cmd_convert)
+
+    merge = verbs.add_parser("merge-lora", help="fold a LoRA adapter folder into its base: a plain model folder")
+    merge.add_argument("adapter_dir", help="a LoRA run's folder (it holds adapter.json)")
+    merge.add_argument("--out", required=True, help="model folder to write (must not exist, or be empty)")
+    merge.set_defaults(func=cmd_merge_lora)
     return parser
 
 

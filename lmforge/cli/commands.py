@@ -1,4 +1,4 @@
-"""The verbs that use a model folder (generate, fill-mask, eval, predict, convert), and the rest."""
+"""The verbs that use a model folder (generate, fill-mask, eval, predict, convert, merge-lora), and the rest."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ def cmd_generate(args) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model_dir)
+    if getattr(model, "lora", None) is not None:  # an adapter folder: folded in, int8 and the fused decode step apply
+        from lmforge.finetune.lora import merge
+
+        merge(model)
     if args.int8:
         from lmforge.quantize import quantize_int8
 
@@ -130,6 +134,15 @@ def cmd_convert(args) -> int:
         f"{kind} {source} → {args.out}: {config.arch}, {config.n_layer} layers × {config.n_embd}, "
         f"{model.num_parameters() / 1e6:.2f}M parameters"
     )
+    return 0
+
+
+def cmd_merge_lora(args) -> int:
+    from lmforge.model_folder import merge_adapter
+
+    model = merge_adapter(args.adapter_dir, args.out)
+    print(f"{args.adapter_dir} merged into its base → {args.out}: {model.config.arch}, "
+          f"{model.num_parameters() / 1e6:.2f}M parameters")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from lmforge.errors import LmforgeError
 
@@ -18,28 +19,36 @@ def _options(args: argparse.Namespace, skip: tuple[str, ...] = ("command", "conf
 
 
 def cmd_pretrain(args) -> int:
+    """Both training verbs: plan_run tells them apart by args.command."""
+    options, prepare, how = plan_run(args)
+    return _train(options, prepare, **how)
+
+
+cmd_finetune = cmd_pretrain
+
+
+def plan_run(args: argparse.Namespace) -> tuple[dict, Callable, dict]:
+    """What a pretrain or finetune command line asks for: its options, the function that prepares
+    its run, and that function's keyword arguments. `search` prepares each trial the same way."""
+    from lmforge.train.pretrain import FINETUNE_DEFAULTS, prepare_run
+
     options = _options(args)
-    if "init" in options:  # prepare_run's way in for finetune; here it would be a silent fine-tune
-        raise LmforgeError("unknown option(s): init (to start from a model folder: lmforge finetune --model)")
-    return _train(options)
-
-
-def cmd_finetune(args) -> int:
-    from lmforge.train.pretrain import FINETUNE_DEFAULTS
-
-    options = _options(args)  # a config file may name the start folder `model`, like the flag
-    model = options.pop("model", None)
+    if args.command == "pretrain":
+        if "init" in options:  # prepare_run's way in for finetune; here it would be a silent fine-tune
+            raise LmforgeError("unknown option(s): init (to start from a model folder: lmforge finetune --model)")
+        return options, prepare_run, {}
+    model = options.pop("model", None)  # a config file may name the start folder `model`, like the flag
     if model:
         options["init"] = model
     if options.get("task"):
         from lmforge.finetune.run import prepare_task_run
 
-        return _train(options, prepare=prepare_task_run)
+        return options, prepare_task_run, {}
     task_flags = sorted(k for k in ("text_column", "text_pair_column", "label_column", "pooling", "chat_template")
                         if k in options)
     if task_flags:
         raise LmforgeError(f"{', '.join('--' + k.replace('_', '-') for k in task_flags)} need --task")
-    return _train(options, train_defaults=FINETUNE_DEFAULTS, require_init=True)
+    return options, prepare_run, {"train_defaults": FINETUNE_DEFAULTS, "require_init": True}
 
 
 def _train(options: dict, prepare=None, **how) -> int:
@@ -87,6 +96,10 @@ def _print_run_header(run) -> None:
 
 
 def _print_start(run) -> None:
+    if getattr(run.model, "lora", None) is not None:
+        from lmforge.finetune.lora import trainable_line
+
+        print(trainable_line(run.model))
     if run.init and not run.resumed:
         print(f"starting from {run.init}")
     if run.resumed:

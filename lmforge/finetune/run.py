@@ -19,15 +19,15 @@ import torch
 from lmforge.atomic import atomic_write_text
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.errors import LmforgeError
-from lmforge.finetune import classify, instruct
+from lmforge.finetune import classify, instruct, lora
 from lmforge.finetune.batches import ExampleSampler
 from lmforge.finetune.tabular import Row, read_rows
 from lmforge.model import build_model
-from lmforge.model_folder import load_model, read_task
+from lmforge.model_folder import adapted_model, load_model, read_task
 from lmforge.tokenize import Tokenizer
 from lmforge.train.checkpoint import checkpoint_dirs
 from lmforge.train.distributed import init_world
-from lmforge.train.pretrain import FINETUNE_DEFAULTS, Run, _as_list, _read_json
+from lmforge.train.pretrain import FINETUNE_DEFAULTS, Run, _as_list, _read_json, refuse_adapter_start
 from lmforge.train.trainer import Trainer
 
 TASKS = ("classify", "instruct")
@@ -96,7 +96,10 @@ def read_labelled(paths: list[str]) -> list[tuple[str, list[Row]]]:
 
 
 def prepare_task_run(options: dict) -> Run:
-    """Build (or rebuild, with resume) a task fine-tuning run; nothing is trained yet."""
+    """Build (or rebuild, with resume) a task fine-tuning run; nothing is trained yet. With
+    `lora_rank` only LoRA adapters and the task's head train (finetune/lora.py)."""
+    options = dict(options)
+    lora_spec = lora.take_options(options)
     run_opts, model_opts, train_opts = _split(options, options.get("init"))
     if run_opts.get("task") not in TASKS:
         raise LmforgeError(f"--task must be one of {', '.join(TASKS)}; got {run_opts.get('task')!r}")
@@ -117,11 +120,13 @@ def prepare_task_run(options: dict) -> Run:
         raise LmforgeError("--model is required: the model folder (lmforge or Hugging Face) to start from")
     if not restart and Path(init).resolve() == out.resolve():
         raise LmforgeError("--out must not be the --model folder: the run would overwrite the model it starts from")
+    refuse_adapter_start(init)
+    lora_spec = lora.run_spec(lora_spec, saved, restart, out)
     train_paths = _as_list(run_opts.get("data"))
     if not train_paths:
         raise LmforgeError("--data is required: a TSV, CSV or JSONL file of labelled rows")
-    train_opts = {**(_read_json(out / "train_config.json") if restart else TASK_DEFAULTS[run_opts["task"]]),
-                  **train_opts}
+    new_defaults = {**TASK_DEFAULTS[run_opts["task"]], **(lora.TRAIN_DEFAULTS if lora_spec else {})}
+    train_opts = {**(_read_json(out / "train_config.json") if restart else new_defaults), **train_opts}
     train_config = TrainConfig.from_dict(train_opts)
 
     world = init_world()
@@ -129,11 +134,13 @@ def prepare_task_run(options: dict) -> Run:
     if has_checkpoint:  # the weights come from the checkpoint (Trainer.resume)
         task, tokenizer = read_task(out), Tokenizer.load(out / "tokenizer.json")
         config = ModelConfig.from_dict({**_read_json(out / "config.json"), **model_opts})
-        model = build_model(config)
+        model = adapted_model(config, lora_spec) if lora_spec else build_model(config)
     elif run_opts["task"] == "instruct":
         model, tokenizer, task = _start_instruct(init, model_opts, run_opts)
     else:
         model, tokenizer, task = _start_model(init, model_opts, train_paths, run_opts)
+    if lora_spec and not has_checkpoint:
+        model = lora.start_adapters(model, lora_spec, init)
     if train_config.augment and task["task"] != "classify":
         raise LmforgeError("--augment applies to --task classify")
     train_rows = read_labelled(train_paths)
@@ -155,7 +162,8 @@ def prepare_task_run(options: dict) -> Run:
         record = {key: run_opts.get(key) for key in ("task", "text_column", "text_pair_column", "label_column",
                                                      "chat_template")}
         record.update(init=os.path.abspath(init), data=[os.path.abspath(p) for p in train_paths],
-                      val_data=[os.path.abspath(p) for p in val_paths] or None)
+                      val_data=[os.path.abspath(p) for p in val_paths] or None,
+                      lora=model.lora.to_dict() if getattr(model, "lora", None) else None)
         atomic_write_text(out / "run.json", json.dumps(record, indent=2) + "\n")  # last: the folder is ready
     return Run(trainer, model, tokenizer, resumed, summary, init)
 

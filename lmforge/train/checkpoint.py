@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from lmforge.atomic import UMASK, atomic_copy, atomic_write_bytes, fsync_dir
-from lmforge.model_folder import MODEL_FILES, TASK_FILE, save_model
+from lmforge.model_folder import model_files, save_model
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
@@ -66,7 +66,7 @@ def save_best(run_dir: str | Path, step: int, model, tokenizer, weights=None, ta
 
 def publish_model(folder: Path, run_dir: str | Path) -> None:
     """Make `folder`'s model the run folder's top-level model, file by file, each atomically."""
-    for name in MODEL_FILES + ((TASK_FILE,) if (folder / TASK_FILE).is_file() else ()):
+    for name in model_files(folder):  # a plain model, or a LoRA run's adapter
         atomic_copy(folder / name, Path(run_dir) / name)
 
 

@@ -21,6 +21,7 @@ from lmforge.config import ModelConfig, TrainConfig
 from lmforge.data.corpus import load_corpus
 from lmforge.data.store import build_token_stores
 from lmforge.errors import LmforgeError
+from lmforge.finetune import lora
 from lmforge.model import LanguageModel
 from lmforge.tokenize import Tokenizer
 from lmforge.train.checkpoint import checkpoint_dirs
@@ -91,7 +92,10 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
     `documents` lets a caller (the demo) supply an already-loaded corpus instead of paths;
     `train_defaults` replace TrainConfig's defaults (and the recipe's) in a new run (a resumed one
     keeps its own); a new decoder from scratch takes RECIPE_MODEL's options unless given;
-    `require_init` (the finetune verb) refuses a run that does not start from a model folder."""
+    `require_init` (the finetune verb) refuses a run that does not start from a model folder;
+    `lora_rank` (and `lora_alpha`, `lora_targets`) train LoRA adapters on a frozen --model instead."""
+    options = dict(options)
+    lora_spec = lora.take_options(options)
     run_opts, model_opts, train_opts = split_options(options)
     if not run_opts.get("out"):
         raise LmforgeError("--out is required: the run folder to write")
@@ -110,6 +114,9 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
     for key in ("data", "val_data", "dedup", "init"):
         run_opts.setdefault(key, saved_run.get(key))
     init = run_opts.get("init")
+    lora_spec = lora.run_spec(lora_spec, saved_run, restart, out)
+    if lora_spec and not init:
+        raise LmforgeError("LoRA adapts a trained model: lmforge finetune --model FOLDER --lora-rank R")
     if require_init and not init:
         raise LmforgeError(f"--model is required: {out} holds no fine-tuning run to resume" if resume else
                            "--model is required: the model folder (lmforge or Hugging Face) to start from")
@@ -119,12 +126,14 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
             raise LmforgeError(f"the model and tokenizer come from {init}; drop {', '.join(fixed)}")
         if not restart and Path(init).resolve() == out.resolve():
             raise LmforgeError("--out must not be the --model folder: the run would overwrite the model it starts from")
+        refuse_adapter_start(init)
     if restart:
         train_opts = {**_read_json(out / "train_config.json"), **train_opts}
         model_opts = {**_read_json(out / "config.json"), **model_opts}
     else:
         recipe = not init and model_opts.get("arch", "decoder") == "decoder"
-        train_opts = {**(RECIPE_TRAIN if recipe else {}), **(train_defaults or {}), **train_opts}
+        train_opts = {**(RECIPE_TRAIN if recipe else {}), **(train_defaults or {}),
+                      **(lora.TRAIN_DEFAULTS if lora_spec else {}), **train_opts}
         if recipe:
             model_opts = {**RECIPE_MODEL, **model_opts}
 
@@ -169,9 +178,16 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
 
     train_store, val_store = _main_first(world, build_stores, build_stores)  # the others hit its cache
     torch.manual_seed(train_config.seed)
-    model = LanguageModel(model_config)
-    if start is not None:
-        model.load_state_dict(start.state_dict())
+    if lora_spec and has_checkpoint:  # the base from its folder; the adapters from the checkpoint
+        from lmforge.model_folder import adapted_model
+
+        model = adapted_model(model_config, lora_spec)
+    else:
+        model = LanguageModel(model_config)
+        if start is not None:
+            model.load_state_dict(start.state_dict())
+        if lora_spec:
+            model = lora.start_adapters(model, lora_spec, init)
     trainer = Trainer(model, train_config, train_store, val_store, out, tokenizer, world=world)
     if resume:
         resumed = trainer.resume()
@@ -189,6 +205,7 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
         "val_data": [os.path.abspath(p) for p in _as_list(run_opts.get("val_data"))] or None,
         "dedup": run_opts.get("dedup"),
         "init": os.path.abspath(init) if init else None,
+        "lora": model.lora.to_dict() if getattr(model, "lora", None) else None,
     }
     atomic_write_text(out / "run.json", json.dumps(run_record, indent=2) + "\n")  # last: the folder is ready
     return Run(trainer, model, tokenizer, resumed, summary, init)
@@ -201,6 +218,15 @@ def _load_start(folder) -> tuple[LanguageModel, Tokenizer]:
     if model.config.n_labels:
         raise LmforgeError(f"{folder} is a sequence classifier; a training run continues a language model")
     return model, tokenizer
+
+
+def refuse_adapter_start(init: str) -> None:
+    """A run starts from a whole model; an adapter folder is one only once merged."""
+    from lmforge.model_folder import is_adapter_folder
+
+    if is_adapter_folder(init):
+        raise LmforgeError(f"{init} is a LoRA adapter folder; merge it into a model first "
+                           f"(lmforge merge-lora {init} --out DIR) and start from that")
 
 
 def _main_first(world: World, on_main, on_others):

@@ -233,13 +233,11 @@ class Trainer:
         if not found:
             self.forget_metrics_after(0)
             return False
-        from safetensors.torch import load_file
+        from lmforge.model_folder import read_weights, stored_shapes
 
         state = load_trainer_state(found[-1])
-        weights = load_file(found[-1] / "model.safetensors")
-        expected = {k: v.shape for k, v in self.model.state_dict().items()}
-        if self.model.config.tie_embeddings:
-            expected.pop("head.proj.weight", None)
+        weights = read_weights(found[-1])  # a LoRA run's checkpoint holds only what trains
+        expected = stored_shapes(self.model)
         mismatched = sorted(k for k in expected.keys() | weights.keys()
                             if k not in weights or k not in expected or weights[k].shape != expected[k])
         if mismatched:
