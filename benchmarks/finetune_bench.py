@@ -80,18 +80,22 @@ def random_start(work: Path) -> Path:
     return work / "random"
 
 
-def finetune(start: Path, out: Path, minutes: float) -> dict:
+def finetune(start: Path, out: Path, minutes: float, **options) -> dict:
+    """Fine-tune from `start` on SST-2 train for about `minutes`; `options` add to or replace FINETUNE
+    (LoRA's, in lora_bench.py). Scores the last model once on dev."""
     from lmforge.finetune.predict import evaluate_file, load_task_model
     from lmforge.finetune.run import prepare_task_run
 
     started = time.perf_counter()
     run = prepare_task_run({**FINETUNE, "task": "classify", "init": str(start), "data": [str(SST2 / "train.tsv")],
-                            "out": str(out), "max_steps": 10**6, "progress": False, "bf16": False})
+                            "out": str(out), "max_steps": 10**6, "progress": False, "bf16": False, **options})
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     result = timed_fit(run, minutes - (time.perf_counter() - started) / 60)
     model, tokenizer, task = load_task_model(out)
     dev = evaluate_file(model, tokenizer, task, [str(SST2 / "dev.tsv")])
     return {**result, "seconds": time.perf_counter() - started, "dev_accuracy": dev["accuracy"],
-            "dev_macro_f1": dev["macro_f1"], "dev_examples": dev["examples"]}
+            "dev_macro_f1": dev["macro_f1"], "dev_examples": dev["examples"], "trainable_parameters": trainable,
+            "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def table(result: dict) -> str:
