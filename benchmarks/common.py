@@ -90,3 +90,15 @@ def publish(name: str, result: dict, table: str) -> None:
     body = f"{start}\n{table.strip()}\n\n*Measured with `{result['command']}` on {machine_line(result['machine'])}; " \
            f"full output: `benchmarks/results/{name}.json`.*\n{end}"
     README.write_text(pattern.sub(lambda _: body, text), encoding="utf-8")
+
+
+def report(name: str, result: dict, table: str, json_out: str | None, readme: bool) -> None:
+    """What every benchmark ends with: the JSON and the table printed, the JSON saved if asked,
+    and with --readme both published (benchmarks/results/NAME.json and the README's table)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    print("\n" + table)
+    if json_out:
+        Path(json_out).write_text(text + "\n")
+    if readme:
+        publish(name, result, table)

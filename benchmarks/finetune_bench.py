@@ -19,7 +19,6 @@ and the table in README.md. Never asserts a time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, machine, publish  # noqa: E402
+from common import command_line, machine, report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
@@ -137,13 +136,7 @@ def main() -> None:
         result["parameters"] = load_model(work / "mlm")[0].num_parameters()
         result["pretrained_finetune"] = finetune(work / "mlm", work / "ft", args.finetune_minutes)
         result["random_finetune"] = finetune(random_start(work), work / "ft-random", args.finetune_minutes)
-    text = json.dumps(result, indent=2)
-    print(text)
-    print("\n" + table(result))
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    if args.readme:
-        publish("finetune_sst2", result, table(result))
+    report("finetune_sst2", result, table(result), args.json_out, args.readme)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import sys
@@ -35,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, machine, publish, summary  # noqa: E402
+from common import command_line, machine, report, summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -255,14 +254,7 @@ def main() -> None:
               "settings": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                            "batches": args.batches, "repeats": args.repeats, "model": SHAPE}}
     result.update(benchmark(args))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    table = markdown(result, args.batches)
-    print("\n" + table)
-    if args.readme:
-        publish("generate", result, table)
+    report("generate", result, markdown(result, args.batches), args.json_out, args.readme)
 
 
 if __name__ == "__main__":

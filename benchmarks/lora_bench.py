@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, machine, publish  # noqa: E402
+from common import command_line, machine, report  # noqa: E402
 from finetune_bench import SST2, finetune, pretrain  # noqa: E402
 
 LORA = {"lora_rank": 8, "lora_targets": "q,v", "lr": 1e-3, "min_lr": 1e-4}
@@ -75,13 +75,7 @@ def main() -> None:
             done = subprocess.run([sys.executable, __file__, "--_stage", kind, str(work / "mlm"), str(work / kind),
                                    str(args.finetune_minutes)], capture_output=True, text=True, check=True)
             result[kind] = json.loads(done.stdout.strip().splitlines()[-1])
-    text = json.dumps(result, indent=2)
-    print(text)
-    print("\n" + table(result))
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    if args.readme:
-        publish("lora_sst2", result, table(result))
+    report("lora_sst2", result, table(result), args.json_out, args.readme)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, machine, matmul_gflops, publish, summary  # noqa: E402
+from common import command_line, machine, matmul_gflops, publish, report, summary  # noqa: E402
 
 from lmforge.hardware import cpu_has_native_bf16  # noqa: E402
 from lmforge.train.pretrain import RECIPE_MODEL, RECIPE_TRAIN  # noqa: E402  (pretrain's defaults race)
@@ -413,13 +413,7 @@ def main() -> None:
                                      check=True)
                 result[which]["peak_rss_mb"] = float(out.stdout.strip().splitlines()[-1])
         table = speed_table(result, args.config)
-    text = json.dumps(result, indent=2)
-    print(text)
-    print("\n" + table)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    if args.readme:
-        publish(name, result, table)
+    report(name, result, table, args.json_out, args.readme)
 
 
 if __name__ == "__main__":
