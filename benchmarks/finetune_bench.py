@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -115,18 +116,29 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrain-minutes", type=float, default=12.0)
-    parser.add_argument("--finetune-minutes", type=float, default=9.0)
+def budget_parser(description: str, pretrain_minutes: float, finetune_minutes: float) -> argparse.ArgumentParser:
+    """The flags the SST-2 benchmarks share: each stage's wall-time budget and where results go."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--pretrain-minutes", type=float, default=pretrain_minutes)
+    parser.add_argument("--finetune-minutes", type=float, default=finetune_minutes)
     parser.add_argument("--readme", action="store_true", help="also save JSON in benchmarks/results/, table in README")
     parser.add_argument("--json-out")
-    args = parser.parse_args()
+    return parser
+
+
+@contextmanager
+def workspace():
+    """A throwaway folder for runs and the token cache; the data must be there."""
     if not (SST2 / "train.tsv").is_file():
         sys.exit(f"benchmark data not found: {SST2}")
     with tempfile.TemporaryDirectory() as folder:
-        work = Path(folder)
-        os.environ["LMFORGE_CACHE_DIR"] = str(work / "cache")
+        os.environ["LMFORGE_CACHE_DIR"] = str(Path(folder) / "cache")
+        yield Path(folder)
+
+
+def main() -> None:
+    args = budget_parser(__doc__.splitlines()[0], 12.0, 9.0).parse_args()
+    with workspace() as work:
         result = {"command": command_line("finetune_bench.py", sys.argv[1:]), "machine": machine(),
                   "benchmark": "SST-2: MLM pretraining then fine-tuning, against fine-tuning from random weights",
                   "model": MODEL, "pretrain_config": PRETRAIN, "finetune_config": FINETUNE}

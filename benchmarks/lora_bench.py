@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine, report  # noqa: E402
-from finetune_bench import SST2, finetune, pretrain  # noqa: E402
+from finetune_bench import budget_parser, finetune, pretrain, workspace  # noqa: E402
 
 LORA = {"lora_rank": 8, "lora_targets": "q,v", "lr": 1e-3, "min_lr": 1e-4}
 
@@ -53,21 +51,13 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrain-minutes", type=float, default=6.0)
-    parser.add_argument("--finetune-minutes", type=float, default=5.0)
-    parser.add_argument("--readme", action="store_true", help="also save JSON in benchmarks/results/, table in README")
-    parser.add_argument("--json-out")
+    parser = budget_parser(__doc__.splitlines()[0], 6.0, 5.0)
     parser.add_argument("--_stage", nargs=4, dest="stage", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
         stage(args.stage[0], args.stage[1], args.stage[2], float(args.stage[3]))
         return
-    if not (SST2 / "train.tsv").is_file():
-        sys.exit(f"benchmark data not found: {SST2}")
-    with tempfile.TemporaryDirectory() as folder:
-        work = Path(folder)
-        os.environ["LMFORGE_CACHE_DIR"] = str(work / "cache")
+    with workspace() as work:
         result = {"command": command_line("lora_bench.py", sys.argv[1:]), "machine": machine(),
                   "benchmark": "SST-2: LoRA against full fine-tuning from one MLM-pretrained encoder", "lora": LORA}
         result["pretrain"] = pretrain(work, args.pretrain_minutes)
