@@ -81,7 +81,12 @@ def save_model(model, folder: str | Path, tokenizer=None, metadata: dict | None 
     if tokenizer is not None:
         tokenizer.save(folder / "tokenizer.json")
     if task is not None:
-        atomic_write_text(folder / TASK_FILE, json.dumps(task, indent=2, ensure_ascii=False) + "\n")
+        write_task(folder, task)
+
+
+def write_task(folder: str | Path, task: dict) -> None:
+    """task.json: what a fine-tuned model is for (read back by `read_task`)."""
+    atomic_write_text(Path(folder) / TASK_FILE, json.dumps(task, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_task(folder: str | Path) -> dict | None:
@@ -107,9 +112,6 @@ def load_model(folder: str | Path, device: str = "cpu"):
 
     A Hugging Face model folder (GPT-2, BERT, BART) is converted in memory, so every command that
     loads a model through here accepts one directly."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from lmforge.config import ModelConfig
     from lmforge.model import build_model
     from lmforge.tokenize import Tokenizer
@@ -127,10 +129,7 @@ def load_model(folder: str | Path, device: str = "cpu"):
             raise LmforgeError(f"{folder} is not a model folder: {name} is missing")
     config = ModelConfig.load(folder / "config.json")
     model = build_model(config)
-    try:
-        state = load_file(folder / "model.safetensors", device=device)
-    except (SafetensorError, OSError) as exc:
-        raise LmforgeError(f"cannot read {folder / 'model.safetensors'}: {exc}") from None
+    state = read_weights(folder, device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (config.tie_embeddings and k == "head.proj.weight")]
     if missing or unexpected:
@@ -142,14 +141,14 @@ def load_model(folder: str | Path, device: str = "cpu"):
     return model.to(device).eval(), Tokenizer.load(folder / "tokenizer.json")
 
 
-def read_weights(folder: str | Path) -> dict:
+def read_weights(folder: str | Path, device: str = "cpu") -> dict:
     """The tensors a model or adapter folder (or a checkpoint of either) stores."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(folder) / (ADAPTER_WEIGHTS if is_adapter_folder(folder) else "model.safetensors")
     try:
-        return load_file(path)
+        return load_file(path, device=device)
     except (SafetensorError, OSError) as exc:
         raise LmforgeError(f"cannot read {path}: {exc}") from None
 

@@ -23,7 +23,7 @@ from lmforge.finetune import classify, instruct, lora
 from lmforge.finetune.batches import ExampleSampler
 from lmforge.finetune.tabular import Row, read_rows
 from lmforge.model import build_model
-from lmforge.model_folder import adapted_model, load_model, read_task
+from lmforge.model_folder import adapted_model, load_model, read_task, write_task
 from lmforge.tokenize import Tokenizer
 from lmforge.train.checkpoint import checkpoint_dirs
 from lmforge.train.distributed import init_world
@@ -157,7 +157,7 @@ def prepare_task_run(options: dict) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         model.config.save(out / "config.json")
         tokenizer.save(out / "tokenizer.json")
-        atomic_write_text(out / "task.json", json.dumps(task, indent=2, ensure_ascii=False) + "\n")
+        write_task(out, task)
         atomic_write_text(out / "train_config.json", json.dumps(train_config.to_dict(), indent=2) + "\n")
         record = {key: run_opts.get(key) for key in ("task", "text_column", "text_pair_column", "label_column",
                                                      "chat_template")}
