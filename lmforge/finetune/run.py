@@ -131,6 +131,7 @@ def prepare_task_run(options: dict) -> Run:
 
     world = init_world()
     torch.manual_seed(train_config.seed)
+    train_rows = read_labelled(train_paths)  # read once: the labels (a new classifier) and the examples
     if has_checkpoint:  # the weights come from the checkpoint (Trainer.resume)
         task, tokenizer = read_task(out), Tokenizer.load(out / "tokenizer.json")
         config = ModelConfig.from_dict({**_read_json(out / "config.json"), **model_opts})
@@ -138,12 +139,11 @@ def prepare_task_run(options: dict) -> Run:
     elif run_opts["task"] == "instruct":
         model, tokenizer, task = _start_instruct(init, model_opts, run_opts)
     else:
-        model, tokenizer, task = _start_model(init, model_opts, train_paths, run_opts)
+        model, tokenizer, task = _start_model(init, model_opts, train_rows, run_opts)
     if lora_spec and not has_checkpoint:
         model = lora.start_adapters(model, lora_spec, init)
     if train_config.augment and task["task"] != "classify":
         raise LmforgeError("--augment applies to --task classify")
-    train_rows = read_labelled(train_paths)
     val_paths = _as_list(run_opts.get("val_data"))
     val_rows = read_labelled(val_paths) if val_paths else None
     train, val, notes = _examples(train_rows, val_rows, task, tokenizer, model.config, train_config)
@@ -168,20 +168,20 @@ def prepare_task_run(options: dict) -> Run:
     return Run(trainer, model, tokenizer, resumed, summary, init)
 
 
-def _start_model(init: str, model_opts: dict, train_paths: list[str], run_opts: dict):
+def _start_model(init: str, model_opts: dict, train_rows: list[tuple[str, list[Row]]], run_opts: dict):
     """The classifier a new run starts from: the folder's stack and tokenizer, with a fresh head
     for the training data's labels (or the folder's own head, if it already classifies these)."""
     base, tokenizer = load_model(init)
     if base.config.arch == "encoder-decoder":
         raise LmforgeError(f"{init} is an encoder-decoder; classification needs an encoder or a decoder")
     base_task = read_task(init) or {}
-    first_path, first_rows = read_labelled(train_paths[:1])[0]
+    first_path, first_rows = train_rows[0]
     columns = classify.find_columns(first_rows, first_path, run_opts.get("text_column"),
                                     run_opts.get("text_pair_column"), run_opts.get("label_column"))
     if base_task.get("task") == "classify":
         labels = list(base_task["labels"])
     else:
-        labels = classify.label_names([r for _, rows in read_labelled(train_paths) for r in rows], columns.label)
+        labels = classify.label_names([r for _, rows in train_rows for r in rows], columns.label)
     if len(labels) < 2:
         raise LmforgeError(f"{first_path}: classification needs at least two labels; found {labels}")
     template = base_task.get("template") or ("tokenizer" if classify.has_template(tokenizer) else "lmforge")
