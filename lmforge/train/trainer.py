@@ -149,8 +149,8 @@ class Trainer:
             with no_sync(self.wrapped, sync=micro == accum - 1):  # all-reduce once, on the last
                 with self.autocast:
                     loss = self._run(batch).loss / accum
-                penalty = self.config.l1_penalty * self._l1() / accum if self.config.l1_penalty else 0.0
-                (loss + penalty).backward()  # even when not finite: every rank must join the all-reduce
+                objective = loss + self.config.l1_penalty * self._l1() / accum if self.config.l1_penalty else loss
+                objective.backward()  # even when not finite: every rank must join the all-reduce
             value = loss.item()
             finite = finite and math.isfinite(value)
             total += value if finite else 0.0
