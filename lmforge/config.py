@@ -16,7 +16,7 @@ from typing import Any
 from lmforge.atomic import atomic_write_text
 from lmforge.errors import LmforgeError
 
-ARCHS = ("decoder", "encoder", "encoder-decoder")
+ARCHS = ("decoder", "encoder", "encoder-decoder", "lstm")  # lstm: the recurrent seq2seq baseline (model/lstm.py)
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "alibi", "none")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
@@ -61,6 +61,7 @@ class ModelConfig:
     lm_head_bias: bool = False  # a bias on the next-token logits (BART's final_logits_bias)
     n_labels: int | None = None  # classify whole sequences into n labels instead of predicting tokens
     pooling: str | None = None  # the sequence's vector for classification: cls, mean or last (None: the family's)
+    span_head: bool = False  # extractive QA: a start and an end logit per token instead of token predictions
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -93,6 +94,12 @@ class ModelConfig:
         return self.pooling or ("cls" if self.arch == "encoder" else "last")
 
     @property
+    def task_head(self) -> bool:
+        """A head of its own task (labels, QA spans) in place of the token head: it starts fresh, and
+        trains beside LoRA adapters."""
+        return bool(self.n_labels or self.span_head)
+
+    @property
     def decoder_layers(self) -> int:
         return self.n_decoder_layer or self.n_layer
 
@@ -123,6 +130,8 @@ class ModelConfig:
                                    "got 'encoder-decoder'")
             if self.n_labels < 2:
                 raise LmforgeError(f"n_labels must be at least 2; got {self.n_labels}")
+        if self.span_head and (self.n_labels or self.arch == "encoder-decoder"):
+            raise LmforgeError("span_head (extractive QA) needs an encoder or a decoder without n_labels")
         if self.pooling is not None:
             _check_choice("pooling", self.pooling, POOLINGS)
             if self.pooling == "cls" and self.arch != "encoder":

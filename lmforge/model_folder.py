@@ -179,7 +179,7 @@ def adapted_model(config, spec):
                            "trained; restore that folder)")
     base, _ = load_model(base_dir)
     model = build_model(config)
-    state = {k: v for k, v in base.state_dict().items() if not (config.n_labels and k.startswith("head."))}
+    state = {k: v for k, v in base.state_dict().items() if not (config.task_head and k.startswith("head."))}
     changed = LmforgeError(f"the base model {base_dir} changed since the adapter was trained on it (its weights "
                            "differ); restore that base, or train the adapter again")
     try:

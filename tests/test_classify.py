@@ -185,7 +185,7 @@ def test_no_usable_row_is_one_line_and_exit_2(tmp_path, base_folder, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--task", "classify", "--text-column", "review"], "has no column 'review' for the text; it has label, sentence"),
-    (["--task", "translate"], "argument --task: invalid choice: 'translate'"),
+    (["--task", "regress"], "argument --task: invalid choice: 'regress'"),
     (["--text-column", "review"], "--text-column need --task"),
     (["--task", "classify", "--n-layer", "3"], "unrecognized arguments: --n-layer 3"),
 ])

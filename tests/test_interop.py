@@ -460,7 +460,7 @@ def _edited(folder, tmp_path, **changes):
         ("gpt2", {"activation_function": "silu"}, "activation_function"),
         ("bert", {"position_embedding_type": "relative_key"}, "position_embedding_type"),
         ("bert", {"is_decoder": True}, "is_decoder"),
-        ("bert", {"architectures": ["BertForQuestionAnswering"]}, "architectures"),
+        ("bert", {"architectures": ["BertForTokenClassification"]}, "architectures"),
         ("bart", {"decoder_attention_heads": 2}, "decoder_attention_heads"),
         ("bart", {"tie_word_embeddings": False}, "tie_word_embeddings"),
         ("bart", {"model_type": "t5"}, "model_type"),

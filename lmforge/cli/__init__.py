@@ -101,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     fine = verbs.add_parser("finetune", help="train a model folder (lmforge or Hugging Face) on new text or a task")
     fine.add_argument("--model", help="model folder to start from; its architecture and tokenizer are kept")
-    fine.add_argument("--task", choices=["classify", "instruct"],
-                      help="fine-tune for a task: classify labelled texts, or answer instructions (default: more text)")
+    fine.add_argument("--task", choices=["classify", "qa", "instruct"],
+                      help="fine-tune for a task: classify labelled texts, answer questions from a context (SQuAD "
+                           "JSON), or follow instructions (default: more text)")
+    fine.add_argument("--doc-stride", type=int,
+                      help="qa: tokens shared by consecutive windows of a long context (default 128)")
+    fine.add_argument("--max-answer-tokens", type=int, help="qa: the longest answer, in tokens (default 30)")
     fine.add_argument("--chat-template", help="instruct: a Jinja chat template file (default: the folder's, or plain)")
     fine.add_argument("--text-column", help="classify: the text column (default: sentence or text)")
     fine.add_argument("--text-pair-column", help="classify: the second text of a pair (default: none)")
@@ -173,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--input", help="a TSV, CSV, JSONL or TXT file of inputs")
     pred.add_argument("--text", help="one text to classify")
     pred.add_argument("--text-pair", help="the second text of a pair (with --text)")
+    pred.add_argument("--question", help="a QA model: the question (with --context)")
+    pred.add_argument("--context", help="a QA model: the text that holds the answer")
+    pred.add_argument("--max-answer-tokens", type=int, help="a QA model: the longest answer (default: the task's)")
     pred.add_argument("--batch-size", type=int, default=32)
     pred.add_argument("--json", action="store_true", help="one JSON object per input")
     pred.set_defaults(func=cmd_predict)

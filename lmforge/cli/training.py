@@ -33,6 +33,12 @@ def plan_run(args: argparse.Namespace) -> tuple[dict, Callable, dict]:
     from lmforge.train.pretrain import FINETUNE_DEFAULTS, prepare_run
 
     options = _options(args)
+    from lmforge.seq2seq.train import prepare_seq2seq_run, wants_seq2seq
+
+    if wants_seq2seq(args.command, options):  # translation and summaries: parallel data, seq2seq/train.py
+        if "model" in options:
+            options["init"] = options.pop("model")
+        return options, prepare_seq2seq_run, {}
     if args.command == "pretrain":
         if "init" in options:  # prepare_run's way in for finetune; here it would be a silent fine-tune
             raise LmforgeError("unknown option(s): init (to start from a model folder: lmforge finetune --model)")
@@ -44,8 +50,8 @@ def plan_run(args: argparse.Namespace) -> tuple[dict, Callable, dict]:
         from lmforge.finetune.run import prepare_task_run
 
         return options, prepare_task_run, {}
-    task_flags = sorted(k for k in ("text_column", "text_pair_column", "label_column", "pooling", "chat_template")
-                        if k in options)
+    task_flags = sorted(k for k in ("text_column", "text_pair_column", "label_column", "pooling", "chat_template",
+                                    "doc_stride", "max_answer_tokens") if k in options)
     if task_flags:
         raise LmforgeError(f"{', '.join('--' + k.replace('_', '-') for k in task_flags)} need --task")
     return options, prepare_run, {"train_defaults": FINETUNE_DEFAULTS, "require_init": True}
@@ -74,7 +80,8 @@ def _print_run_header(run) -> None:
     if trainer.task is not None:  # labelled examples, not a token stream
         print(run.corpus_summary)
         print(f"data: {len(trainer.train_store):,} train / {len(trainer.val_store):,} val examples; "
-              f"model: {model.config.arch}{' classifier' if model.config.n_labels else ''}, "
+              f"model: {model.config.arch}{' classifier' if model.config.n_labels else ''}"
+              f"{' span extractor' if model.config.span_head else ''}, "
               f"{model.num_parameters() / 1e6:.2f}M parameters")
         _print_start(run)
         return
@@ -113,6 +120,8 @@ def _print_summary(summary: dict, run_dir) -> None:
         line += f", val loss {val['loss']:.4f}, perplexity {val['perplexity']:.2f}"
     elif "accuracy" in val:
         line += f", val accuracy {val['accuracy']:.4f}, macro-F1 {val['macro_f1']:.4f}"
+    elif "exact_match" in val:
+        line += f", val exact match {val['exact_match']:.2f}, F1 {val['f1']:.2f}"
     if summary["skipped_steps"]:
         line += f", {summary['skipped_steps']} non-finite steps skipped"
     best = summary.get("best")

@@ -57,7 +57,7 @@ def encode(tokenizer, texts: list[str], pairs: list[str] | None, max_len: int, a
             done = inner.post_processor.process(a, b, add_special_tokens=True) if inner.post_processor else a
             out.append((list(done.ids), list(done.type_ids)))
         else:
-            out.append(_lmforge_template(tokenizer, a.ids[:keep_a], None if b is None else b.ids[:keep_b], arch))
+            out.append(lmforge_template(tokenizer, a.ids[:keep_a], None if b is None else b.ids[:keep_b], arch))
     return out
 
 
@@ -75,7 +75,7 @@ def _fit(len_a: int, len_b: int | None, budget: int) -> tuple[int, int | None]:
     return len_a, len_b
 
 
-def _lmforge_template(tokenizer, a: list[int], b: list[int] | None, arch: str) -> tuple[list[int], list[int]]:
+def lmforge_template(tokenizer, a: list[int], b: list[int] | None, arch: str) -> tuple[list[int], list[int]]:
     eos = tokenizer.eos_id
     if eos is None:
         raise LmforgeError("the tokenizer has no end-of-text token to separate and close the inputs")

@@ -165,7 +165,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
 
 def is_adapter_weight(name: str, config) -> bool:
     """What trains and what adapter.safetensors holds: the LoRA matrices and a classifier's head."""
-    return ".lora_A." in name or ".lora_B." in name or bool(config.n_labels and name.startswith("head."))
+    return ".lora_A." in name or ".lora_B." in name or bool(config.task_head and name.startswith("head."))
 
 
 def adapter_layers(model: nn.Module) -> dict[str, LoraLinear]:

@@ -10,7 +10,7 @@ import json
 import sys
 
 from lmforge.errors import LmforgeError
-from lmforge.finetune import classify, instruct
+from lmforge.finetune import classify, instruct, qa
 from lmforge.finetune.tabular import Row, read_rows
 from lmforge.model_folder import load_model, read_task
 
@@ -69,10 +69,53 @@ def _texts(rows: list[Row], columns: classify.Columns, path) -> tuple[list[str],
     return texts, pairs
 
 
+def answer_questions(model, tokenizer, task: dict, questions: list[qa.Question], batch_size: int = BATCH_SIZE,
+                     max_answer_tokens: int | None = None) -> list[dict]:
+    """Each question's best answer: {id, answer, start, end, score}, offsets in characters of its context."""
+    windows = qa.build_windows(questions, tokenizer, model.config.block_size, model.config.arch, task["template"],
+                               task["doc_stride"], with_labels=False)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    return qa.answer(model, questions, windows, batch_size, pad_id, max_answer_tokens or task["max_answer_tokens"])[0]
+
+
+def _qa_file(path) -> list[qa.Question]:
+    """Questions from a SQuAD JSON file, or from rows with `question` and `context` columns."""
+    if str(path).endswith(".json"):
+        questions, _ = qa.read_squad(path, need_answers=False)
+        return questions
+    rows = read_rows(path)
+    missing = [row.line for row in rows if not all(isinstance(row.fields.get(k), str) for k in ("question", "context"))]
+    if missing:
+        raise LmforgeError(f"{path}, line {missing[0]}: a QA input needs the fields question and context")
+    return [qa.Question(str(row.fields.get("id", row.line)), row.fields["question"], row.fields["context"], [])
+            for row in rows]
+
+
+def evaluate_qa(model, tokenizer, task: dict, paths: list[str], batch_size: int = BATCH_SIZE) -> dict:
+    """SQuAD's exact match and F1 over every question of the files (each against all its answers)."""
+    questions, notes = [], []
+    for path in paths:
+        found, skipped = qa.read_squad(path, need_answers=False)
+        answered = [q for q in found if q.answers]
+        questions += answered
+        if len(found) > len(answered):
+            notes.append(f"{path}: skipped {len(found) - len(answered)} question(s) with no answer")
+        if skipped.count:
+            notes.append(skipped.summary())
+    if not questions:
+        raise LmforgeError("; ".join(notes) or "no questions to score")
+    windows = qa.build_windows(questions, tokenizer, model.config.block_size, model.config.arch, task["template"],
+                               task["doc_stride"])
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    return {**qa.score(model, questions, windows, batch_size, pad_id, task["max_answer_tokens"]), "skipped": notes}
+
+
 def evaluate_file(model, tokenizer, task: dict, paths: list[str], batch_size: int = BATCH_SIZE) -> dict:
     """A task model's metrics on files of its kind of rows: a classifier's accuracy and macro-F1 on
-    labelled rows, an instruction-tuned model's loss and perplexity on its answers. Rows it
-    cannot score are counted and reported."""
+    labelled rows, a QA model's exact match and F1, an instruction-tuned model's loss and
+    perplexity on its answers. Rows it cannot score are counted and reported."""
+    if task["task"] == "qa":
+        return evaluate_qa(model, tokenizer, task, paths, batch_size)
     examples, notes = [], []
     for path in paths:
         rows = read_rows(path)
@@ -107,6 +150,8 @@ def eval_command(args) -> int:
         print(json.dumps(result))
     elif task["task"] == "instruct":
         print(f"answer loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']:,} tokens)")
+    elif task["task"] == "qa":
+        print(f"exact match {result['exact_match']:.2f}  F1 {result['f1']:.2f}  ({result['questions']:,} questions)")
     else:
         print(f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  loss {result['loss']:.4f}  "
               f"({result['examples']:,} examples)")
@@ -114,7 +159,9 @@ def eval_command(args) -> int:
 
 
 def predict_command(args) -> int:
-    """`lmforge predict MODEL_DIR (--input FILE | --text TEXT [--text-pair TEXT]) [--json]`."""
+    """`lmforge predict MODEL_DIR (--input FILE | --text TEXT [--text-pair TEXT] | --question Q --context C)`."""
+    if getattr(args, "question", None) is not None or getattr(args, "context", None) is not None:
+        return _predict_answers(args)
     if (args.input is None) == (args.text is None):
         raise LmforgeError("give exactly one of --input FILE or --text TEXT")
     if args.text_pair is not None and args.text is None:
@@ -122,6 +169,8 @@ def predict_command(args) -> int:
     if args.batch_size < 1:
         raise LmforgeError(f"--batch-size must be at least 1; got {args.batch_size}")
     model, tokenizer, task = load_task_model(args.model_dir)
+    if task["task"] == "qa":
+        return _predict_answers(args, model, tokenizer, task)
     if task["task"] != "classify":
         raise LmforgeError(f"predict does not know task {task['task']!r} yet")
     if args.input is not None:
@@ -137,4 +186,26 @@ def predict_command(args) -> int:
         else:
             ranked = "  ".join(f"{s['label']} {s['score']:.4f}" for s in result["scores"])
             print(f"{result['label']}\t{ranked}")
+    return 0
+
+
+def _predict_answers(args, model=None, tokenizer=None, task=None) -> int:
+    """predict on a QA folder: the answer to --question in --context, or to every question of --input."""
+    given = args.question is not None or args.context is not None
+    if given and (args.question is None or args.context is None or args.input is not None or args.text is not None):
+        raise LmforgeError("--question and --context go together, without --input or --text")
+    if not given and args.input is None:
+        raise LmforgeError("a QA model answers --question Q --context C, or the questions of --input FILE")
+    if args.max_answer_tokens is not None and args.max_answer_tokens < 1:
+        raise LmforgeError(f"--max-answer-tokens must be at least 1; got {args.max_answer_tokens}")
+    if model is None:
+        model, tokenizer, task = load_task_model(args.model_dir)
+    if task["task"] != "qa":
+        raise LmforgeError(f"{args.model_dir} is a {task['task']} model; --question and --context need a QA model")
+    questions = [qa.make_question(args.question, args.context)] if given else _qa_file(args.input)
+    for result in answer_questions(model, tokenizer, task, questions, args.batch_size, args.max_answer_tokens):
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False))
+        else:
+            print(f"{result['answer']}\t{result['score']:.4f}\t{result['start']}:{result['end']}")
     return 0

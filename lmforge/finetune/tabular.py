@@ -90,9 +90,10 @@ class Skipped:
     """Rows left out of a file, by reason, with their line numbers (for one report line)."""
 
     path: str
-    reasons: dict[str, list[int]] = field(default_factory=dict)
+    reasons: dict[str, list] = field(default_factory=dict)
+    unit: str = "line"  # what identifies a row: a line number, or e.g. a SQuAD question's id
 
-    def add(self, reason: str, line: int) -> None:
+    def add(self, reason: str, line) -> None:
         self.reasons.setdefault(reason, []).append(line)
 
     @property
@@ -103,5 +104,6 @@ class Skipped:
         parts = []
         for reason, lines in self.reasons.items():
             shown = ", ".join(map(str, lines[:SHOWN_LINES])) + (", ..." if len(lines) > SHOWN_LINES else "")
-            parts.append(f"{len(lines)} with {reason} (line{'s' if len(lines) > 1 else ''} {shown})")
-        return f"{self.path}: skipped {self.count} row(s): " + "; ".join(parts)
+            parts.append(f"{len(lines)} with {reason} ({self.unit}{'s' if len(lines) > 1 else ''} {shown})")
+        rows = "question(s)" if self.unit == "question" else "row(s)"
+        return f"{self.path}: skipped {self.count} {rows}: " + "; ".join(parts)

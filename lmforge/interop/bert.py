@@ -1,8 +1,9 @@
-"""BERT (`BertForMaskedLM`, `BertForSequenceClassification`): a post-norm encoder with learned
-positions, segment (token type) embeddings, a LayerNorm on the embeddings and separate q/k/v.
+"""BERT (`BertForMaskedLM`, `BertForSequenceClassification`, `BertForQuestionAnswering`): a post-norm
+encoder with learned positions, segment (token type) embeddings, a LayerNorm on the embeddings and separate q/k/v.
 
 The masked-LM head is `cls.predictions` (dense, activation, LayerNorm, tied decoder + bias); the
-classifier is the pooler (dense + tanh on [CLS]) then `classifier`.
+classifier is the pooler (dense + tanh on [CLS]) then `classifier`; the QA model has no pooler,
+only `qa_outputs` (a start and an end logit per token).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lmforge.interop.mapping import (
     require,
 )
 
-MASKED_LM, CLASSIFIER = "BertForMaskedLM", "BertForSequenceClassification"
+MASKED_LM, CLASSIFIER, QA = "BertForMaskedLM", "BertForSequenceClassification", "BertForQuestionAnswering"
 
 DEFAULTS = {
     "vocab_size": 30522,
@@ -85,6 +86,7 @@ def config_from_hf(hf: HFConfig, architecture: str) -> dict:
         embedding_norm=True,
         init_std=hf["initializer_range"],
         n_labels=n_labels,
+        span_head=architecture == QA,
     )
 
 
@@ -97,7 +99,7 @@ def config_to_hf(config: ModelConfig) -> dict:
     if config.type_vocab_size < 1:
         raise LmforgeError("cannot export to BERT: type_vocab_size=0 (BERT always has segment embeddings)")
     hf = {
-        "architectures": [CLASSIFIER if config.n_labels else MASKED_LM],
+        "architectures": [CLASSIFIER if config.n_labels else QA if config.span_head else MASKED_LM],
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
         "num_hidden_layers": config.n_layer,
@@ -123,6 +125,9 @@ def params(config: ModelConfig) -> Iterator[Param]:
     yield from linear("encoder_embed.norm", f"{embeddings}.LayerNorm")
     for i in range(config.n_layer):
         yield from block_params(f"encoder.blocks.{i}", f"bert.encoder.layer.{i}", BLOCK)
+    if config.span_head:
+        yield from linear("head.out", "qa_outputs")
+        return
     if config.n_labels:
         yield from linear("head.pool", "bert.pooler.dense")
         yield from linear("head.out", "classifier")
@@ -137,4 +142,4 @@ def params(config: ModelConfig) -> Iterator[Param]:
         yield Param("head.proj.weight", ("cls.predictions.decoder.weight",))
 
 
-FAMILY = Family("bert", (MASKED_LM, CLASSIFIER), DEFAULTS, config_from_hf, config_to_hf, params, generative=False)
+FAMILY = Family("bert", (MASKED_LM, CLASSIFIER, QA), DEFAULTS, config_from_hf, config_to_hf, params, generative=False)

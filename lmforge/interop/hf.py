@@ -51,9 +51,12 @@ def is_hf_folder(path: str | Path) -> bool:
 
 def hf_task(folder: str | Path) -> dict | None:
     """The task a Hugging Face folder was trained for, in lmforge's task.json terms: its
-    `...ForSequenceClassification` labels (id2label), read through the tokenizer's own template."""
+    `...ForSequenceClassification` labels (id2label), or extractive QA (`...ForQuestionAnswering`),
+    read through the tokenizer's own template."""
     data = _read_json(Path(folder) / "config.json")
     architecture = (data.get("architectures") or [""])[0]
+    if architecture.endswith("ForQuestionAnswering"):
+        return {"task": "qa", "template": "tokenizer"}
     if not architecture.endswith("ForSequenceClassification"):
         return None
     id2label = data.get("id2label") or {}
@@ -226,8 +229,8 @@ def to_hf(model, tokenizer: Tokenizer | None, out_dir: str | Path, task: dict | 
     if config.n_labels:
         require(config, family.model_type, pooling=(None, CLASSIFIER_POOLING[config.arch]))
         hf_config.update(label_fields(_label_names(config, task)))
-        if tokenizer is not None and (task or {}).get("template") == "lmforge":
-            tokenizer = _with_lmforge_template(tokenizer, config)
+    if (config.n_labels or config.span_head) and tokenizer is not None and (task or {}).get("template") == "lmforge":
+        tokenizer = _with_lmforge_template(tokenizer, config)
     params = list(family.params(config))
     unmapped = _unmapped(model, params)
     if unmapped:

@@ -65,14 +65,14 @@ def to_peft(model, tokenizer, out_dir: str | Path, task: dict | None = None) -> 
             if times > 1:
                 ranks[module], alphas[module] = spec.rank * times, spec.alpha * times
     head = sorted({n.rsplit(".", 1)[0] for p in params.values() if p.ours.startswith("head.") for n in p.hf}
-                  if config.n_labels else ())
+                  if config.task_head else ())
     state = model.state_dict()
     for p in params.values():  # a classifier's trained head: PEFT's modules_to_save, saved under their own names
-        if config.n_labels and p.ours.startswith("head."):
+        if config.task_head and p.ours.startswith("head."):
             tensors.update({PREFIX + n: t for n, t in zip(p.hf, p.rule.to_hf(state[p.ours], len(p.hf)), strict=True)})
     adapter_config = {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS" if config.n_labels else TASK_TYPES[config.arch],
+        "task_type": "SEQ_CLS" if config.n_labels else "QUESTION_ANS" if config.span_head else TASK_TYPES[config.arch],
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "target_modules": targets,

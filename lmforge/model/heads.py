@@ -74,6 +74,17 @@ class ClassifierHead(nn.Module):
         return self.out(self.dropout(vector))
 
 
+class SpanHead(nn.Module):
+    """Extractive QA (BERT's `qa_outputs`): a start and an end logit for every token."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.out = Linear(config.n_embd, 2)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.out(hidden)
+
+
 def pool_sequence(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
     """(B, T, C) → (B, C): the first token, the mean of the real tokens, or the last real token.
     Padding may sit on either side: the mask says which positions are real."""
