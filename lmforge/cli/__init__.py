@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lmforge.cli import seq2seq
 from lmforge.cli.commands import (
     cmd_convert,
     cmd_demo,
@@ -36,7 +37,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     """The architecture and tokenizer of a new model (a fine-tune takes them from --model)."""
     p.add_argument("--tokenizer", help="a tokenizer.json, or 'char' / 'bpe' to train one (default bpe)")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size when training one (default 4096)")
-    p.add_argument("--arch", choices=["decoder", "encoder", "encoder-decoder"])
+    p.add_argument("--arch", choices=["decoder", "encoder", "encoder-decoder", "lstm"])
     for flag in ("--n-layer", "--n-head", "--n-kv-head", "--n-embd", "--d-ff", "--block-size"):
         p.add_argument(flag, type=int)
     p.add_argument("--position", choices=["learned", "sinusoidal", "relative", "rope", "alibi", "none"])
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("adapter_dir", help="a LoRA run's folder (it holds adapter.json)")
     merge.add_argument("--out", required=True, help="model folder to write (must not exist, or be empty)")
     merge.set_defaults(func=cmd_merge_lora)
+    seq2seq.register(verbs, _Parser)  # translate, summarize; parallel-data flags of pretrain/finetune/eval
     return parser
 
 
