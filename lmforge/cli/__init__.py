@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmforge.cli import seq2seq
+from lmforge.cli import insight, seq2seq
 from lmforge.cli.commands import (
     cmd_convert,
     cmd_demo,
@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="model folder to write (must not exist, or be empty)")
     merge.set_defaults(func=cmd_merge_lora)
     seq2seq.register(verbs, _Parser)  # translate, summarize; parallel-data flags of pretrain/finetune/eval
+    insight.register(verbs, _Parser)  # eval --task/--bootstrap/--template; attention, lens, plot, report
     return parser
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from lmforge.errors import LmforgeError
-
 
 def cmd_tokenizer_train(args) -> int:
     from lmforge.data.corpus import load_corpus
@@ -89,27 +87,7 @@ def cmd_fill_mask(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lmforge.evaluate.perplexity import evaluate_corpus
-    from lmforge.model_folder import load_model, read_task
-
-    if read_task(args.model_dir) is not None:
-        return _eval_task(args)
-    model, tokenizer = load_model(args.model_dir)
-    if model.config.n_labels:
-        raise LmforgeError(f"{args.model_dir} is a sequence classifier with no task.json: no label names to score")
-    result = evaluate_corpus(model, tokenizer, args.data, batch_size=args.batch_size, max_batches=args.max_batches)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        line = f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}"
-        if "bits_per_byte" in result:
-            line += f"  bits/byte {result['bits_per_byte']:.4f}"
-        print(f"{line}  ({result['tokens']:,} tokens)")
-    return 0
-
-
-def _eval_task(args) -> int:
-    from lmforge.finetune.predict import eval_command
+    from lmforge.evaluate.tasks import eval_command
 
     return eval_command(args)
 

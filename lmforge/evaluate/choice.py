@@ -1,0 +1,134 @@
+"""Multiple choice by log-likelihood, and the scoring of (context, continuation) pairs it rests on.
+
+A choice's score is the summed log-probability of its tokens after the context, as
+lm-evaluation-harness computes it: the context and the continuation are tokenized together and
+the continuation's tokens are those past the context's own tokens (a trailing space of the
+context moves to the continuation, so " great" is one token in both). The harness's lmforge model
+(harness.py), few-shot classification (fewshot.py) and `eval --task choice` all score through
+`loglikelihoods`, so their numbers agree by construction; the ranking (raw and per character)
+is metrics.choice_accuracy's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+DELIMITER = " "  # between the context and each choice: the harness's default target_delimiter
+
+
+@dataclass
+class ChoiceExample:
+    context: str
+    choices: list[str]
+    label: int
+
+
+def read_choices(path, limit: int | None = None) -> list[ChoiceExample]:
+    """Examples from a JSONL file of {"context": str, "choices": [str, ...], "label": int}."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"file not found: {path}")
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if limit is not None and len(examples) >= limit:
+            break
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise LmforgeError(f"{path}, line {number}: not JSON ({exc})") from None
+        row = row if isinstance(row, dict) else {}
+        context, choices, label = row.get("context"), row.get("choices"), row.get("label")
+        if not isinstance(context, str) or not isinstance(choices, list) or not choices \
+                or not all(isinstance(c, str) for c in choices):
+            raise LmforgeError(f"{path}, line {number}: needs a string context and a non-empty list of string choices")
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+            raise LmforgeError(f"{path}, line {number}: label must be an index into its {len(choices)} choices, "
+                               f"got {label!r}")
+        examples.append(ChoiceExample(context, choices, label))
+    if not examples:
+        raise LmforgeError(f"{path} has no examples")
+    return examples
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as the harness splits them: tokenized as one text."""
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    context_ids = tokenizer.encode(context)
+    if not context_ids:  # nothing to condition on: the end-of-text token starts the text
+        start = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
+        if start is None:
+            raise LmforgeError("an empty context needs a tokenizer with an end-of-text or start token")
+        return [start], whole
+    return context_ids, whole[len(context_ids):]
+
+
+@torch.no_grad()
+def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16,
+                   progress=None) -> list[tuple[float, bool]]:
+    """(log P(continuation | context), whether it is the greedy continuation) for each pair.
+
+    Rows are right-padded with no attention mask: padding sits after every scored position, so it
+    changes nothing, and plain causal attention keeps its fused kernel. Only the continuation's
+    positions go through the head, which is most of the cost at a large vocabulary. The longest
+    rows go first, so a too-long batch fails at once, and similar lengths share a batch.
+    """
+    if model.config.arch != "decoder":
+        raise LmforgeError(f"log-likelihood scoring needs a decoder; this model is a {model.config.arch}")
+    window = model.config.block_size
+    rows = []
+    for context, continuation in pairs:
+        context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+        if not continuation_ids:
+            raise LmforgeError(f"the continuation {continuation!r} has no tokens")
+        ids = (context_ids + continuation_ids)[-(window + 1):]  # the harness keeps the end too
+        rows.append((ids[:-1], ids[-len(continuation_ids):]))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = len(rows[chunk[0]][0])
+        inputs = torch.full((len(chunk), width), pad, dtype=torch.long)
+        for r, index in enumerate(chunk):
+            inputs[r, :len(rows[index][0])] = torch.tensor(rows[index][0])
+        hidden = model.decode(inputs.to(device))
+        for r, index in enumerate(chunk):
+            inp, targets = rows[index]
+            scored = hidden[r, len(inp) - len(targets):len(inp)]
+            logprobs = torch.log_softmax(model.head(scored).float(), dim=-1)
+            wanted = torch.tensor(targets, device=device)
+            total = float(logprobs.gather(-1, wanted[:, None]).sum())
+            results[index] = (total, bool((logprobs.argmax(-1) == wanted).all()))
+        if progress is not None:
+            progress(len(chunk))
+    model.train(was_training)
+    return results
+
+
+def choice_scores(model, tokenizer, examples: list[ChoiceExample], batch_size: int = 16, progress=None,
+                  delimiter: str = DELIMITER) -> list[list[float]]:
+    """Each example's log-likelihood of each choice after its context."""
+    pairs = [(e.context, delimiter + c) for e in examples for c in e.choices]
+    per_example = len(pairs) / len(examples)  # the bar counts examples, the batches count choices
+    counted = (lambda n: progress(n / per_example)) if progress is not None else None
+    flat = iter(loglikelihoods(model, tokenizer, pairs, batch_size, counted))
+    return [[next(flat)[0] for _ in e.choices] for e in examples]
+
+
+def character_lengths(examples: list[ChoiceExample]) -> list[list[float]]:
+    """The length normaliser of acc_norm: each choice's length in characters (the harness's)."""
+    return [[float(len(c)) for c in e.choices] for e in examples]
