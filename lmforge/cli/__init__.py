@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmforge.cli import insight, seq2seq
+from lmforge.cli import insight, seq2seq, serve
 from lmforge.cli.commands import (
     cmd_convert,
     cmd_demo,
@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=cmd_merge_lora)
     seq2seq.register(verbs, _Parser)  # translate, summarize; parallel-data flags of pretrain/finetune/eval
     insight.register(verbs, _Parser)  # eval --task/--bootstrap/--template; attention, lens, plot, report
+    serve.register(verbs, _Parser)  # serve: the OpenAI-compatible HTTP server
     return parser
 
 
