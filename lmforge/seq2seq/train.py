@@ -148,7 +148,7 @@ def _split(options: dict, init: str | None) -> tuple[dict, dict, dict]:
     if unknown:
         raise LmforgeError(f"unknown option(s): {', '.join(unknown)}")
     run = {k: v for k, v in options.items() if k in RUN_FIELDS}
-    model = {k: v for k, v in options.items() if k in MODEL_FIELDS}
+    model = {k: v for k, v in options.items() if k in MODEL_FIELDS and k != "vocab_size"}  # that is the BPE's
     if init:
         fixed = sorted((set(model) - {"dropout", "attn_dropout"}) | ({"vocab_size", "separate_vocab", "tokenizer"}
                                                                      & set(run)))
