@@ -223,6 +223,17 @@ def test_copier_learned_and_outputs_keep_input_order(copier, copy_data, capsys):
     assert lines == one_by_one  # sorting by length inside a window never reorders the output
 
 
+def test_beam_gives_n_best_in_order(copier, capsys):
+    code, out, err = run_cli(capsys, "translate", copier, "--text", "red cat sun", "--text", "moon dog",
+                             "--beam", "4", "--n-best", "3", "--json")
+    assert code == 0, err
+    for line in out.splitlines():
+        scores = [o["score"] for o in json.loads(line)["outputs"]]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    code, out, _ = run_cli(capsys, "translate", copier, "--text", "red cat sun", "--beam", "4")
+    assert code == 0 and len(out.splitlines()) == 1
+
+
 def test_eval_equals_the_sacrebleu_command_line(copier, copy_data, capsys, tmp_path):
     src = copy_data / "val.txt"
     ref = write_lines(tmp_path / "ref.txt", [line.replace("cat", "kitten") for line in src.read_text().splitlines()])

@@ -3,8 +3,9 @@
 Greedy decoding is here, written against the small protocol both seq2seq families share
 (`encode`, `new_cache`, and a forward that takes one decoder token with a cache and the
 encoder's output), so the Transformer and the LSTM decode through the same loop; beam search
-is lmforge/beam.py's. Texts are decoded in windows sorted by length (little padding) and
-yielded back in their own order, so output can stream while later windows still decode.
+is lmforge/beam.py's, with the same length limits (a * source length + b, capped by
+--max-length). Texts are decoded in windows sorted by length (little padding) and yielded back
+in their own order, so output can stream while later windows still decode.
 """
 
 from __future__ import annotations
@@ -107,21 +108,15 @@ def decode_batch(model, sides: Sides, sources: list[list[int]],
 
 
 def _beam_batch(model, sides: Sides, sources, max_lens, options: DecodeOptions):
-    try:
-        from lmforge import beam
-    except ImportError:
-        raise LmforgeError("beam search is not available in this version; use --beam 1") from None
-    config = beam.BeamConfig(num_beams=options.beam, num_return_sequences=options.n_best,
-                             length_penalty=options.length_penalty, early_stopping=True,
-                             no_repeat_ngram_size=options.no_repeat_ngram_size, min_length=options.min_len,
-                             max_length=max(max_lens))
-    found = beam.beam_search(model, sources, config, eos_token_id=sides.eos_id, pad_token_id=sides.pad_id)
-    return [[(sides.decode(_strip(h.tokens, sides.eos_id)), float(h.score)) for h in hyps] for hyps in found]
+    from lmforge.beam import BeamConfig, beam_search
 
-
-def _strip(tokens, eos_id: int) -> list[int]:
-    ids = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
-    return [i for i in ids if i != eos_id]
+    config = BeamConfig(num_beams=options.beam, num_return_sequences=options.n_best,
+                        length_penalty=options.length_penalty, early_stopping=True,
+                        no_repeat_ngram_size=options.no_repeat_ngram_size, min_length=options.min_len,
+                        max_length=max(max_lens) + 1, max_length_ratio=options.max_len_a,
+                        max_length_offset=options.max_len_b)  # max_length counts the decoder's start token
+    found = beam_search(model, sources, config, eos_token_id=sides.eos_id, pad_token_id=sides.pad_id)
+    return [[(sides.decode(h.tokens), float(h.score)) for h in hyps] for hyps in found]
 
 
 def decode_texts(model, sides: Sides, texts: list[str], options: DecodeOptions,
