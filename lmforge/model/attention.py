@@ -94,6 +94,7 @@ class Attention(nn.Module):
             self.register_buffer("alibi", alibi_slopes(self.n_head), persistent=False)
         else:
             self.alibi = None
+        self.record: list | None = None  # insight: a list here receives each forward's attention probabilities
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """(B, T, n·hd) → (B, T, n, hd), a view."""
@@ -110,7 +111,8 @@ class Attention(nn.Module):
         """Whether lmforge's causal attention kernel applies: plain causal self-attention over
         the whole sequence, no score bias, no dropout, float32 on the CPU (so not under bf16
         autocast, where rotated queries come out float32 and values bf16)."""
-        return (cache is None and ctx.is_causal and ctx.mask is None and self.relative is None and self.alibi is None
+        return (self.record is None and cache is None and ctx.is_causal and ctx.mask is None
+                and self.relative is None and self.alibi is None
                 and (self.dropout == 0.0 or not self.training) and v.dtype == q.dtype and kernels.usable_for(q))
 
     def forward(
@@ -130,6 +132,9 @@ class Attention(nn.Module):
                 k, v = (self._heads(t, self.n_kv_head).transpose(1, 2) for t in self.kv(memory).split(kv_width, dim=-1))
                 if cache is not None:
                     cache.cross = (k, v)
+            group = B // k.shape[0]
+            if group > 1:  # beams of one source share its keys and values: its rows' queries go together
+                q = q.reshape(k.shape[0], group, self.n_head, T, self.head_dim).transpose(1, 2).flatten(2, 3)
         else:
             q_width = self.n_head * self.head_dim
             # split, not slices: autograd joins split's gradients with one cat, while each slice
@@ -154,17 +159,36 @@ class Attention(nn.Module):
         bias = self._position_bias(q, ctx, k.shape[2])
         if bias is not None:
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=ctx.is_causal and mask is None,
-            scale=self.scale,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
+        if self.record is not None:
+            y = self._recorded(q, k, v, mask, ctx.is_causal and mask is None)
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=ctx.is_causal and mask is None,
+                scale=self.scale,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )
+        if y.shape[0] != B:  # grouped cross-attention queries back to their own rows
+            y = y.unflatten(2, (B // y.shape[0], T)).transpose(1, 2).reshape(B, self.n_head, T, self.head_dim)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def _recorded(self, q, k, v, mask, causal: bool) -> torch.Tensor:
+        """Attention by an explicit softmax, its probabilities (B, heads, Tq, Tk) appended to
+        self.record: what lmforge attention draws. Slower than SDPA, and only used when asked."""
+        if k.shape[1] != q.shape[1]:  # grouped-query: each key/value head serves a group of query heads
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        scores = (q @ k.transpose(-2, -1)).float() * self.scale
+        if causal:
+            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = scores.softmax(dim=-1)
+        self.record.append(probs.detach())
+        return probs.to(v.dtype) @ v
 
     def _position_bias(self, q: torch.Tensor, ctx: AttentionContext, k_len: int) -> torch.Tensor | None:
         """Additive score bias from relative positions and/or ALiBi, already scaled."""

@@ -37,10 +37,21 @@ class LayerCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Pick batch rows (beam search keeps the surviving hypotheses)."""
-        self.keys = self.keys.index_select(0, index)
-        self.values = self.values.index_select(0, index)
-        if self.cross is not None:
-            self.cross = (self.cross[0].index_select(0, index), self.cross[1].index_select(0, index))
+        self.reorder_beams(index, index)
+
+    def reorder_beams(self, index: torch.Tensor, sources: torch.Tensor | None = None) -> None:
+        """Pick self-attention rows by `index`; the cross-attention pair by `sources`, or keep it
+        when None: beam search keeps one row per source, which Attention shares among its beams.
+        Rows that stay as many are moved only as far as they are filled."""
+        if index.shape[0] == self.keys.shape[0]:
+            filled = slice(0, self.length)
+            self.keys[:, :, filled] = self.keys[:, :, filled].index_select(0, index)
+            self.values[:, :, filled] = self.values[:, :, filled].index_select(0, index)
+        else:  # the batch grows (beams of a prompt) or shrinks (finished sources leave)
+            self.keys = self.keys.index_select(0, index)
+            self.values = self.values.index_select(0, index)
+        if self.cross is not None and sources is not None:
+            self.cross = (self.cross[0].index_select(0, sources), self.cross[1].index_select(0, sources))
 
 
 class KVCache:
@@ -60,3 +71,7 @@ class KVCache:
     def reorder(self, index: torch.Tensor) -> None:
         for layer in self.layers:
             layer.reorder(index)
+
+    def reorder_beams(self, index: torch.Tensor, sources: torch.Tensor | None = None) -> None:
+        for layer in self.layers:
+            layer.reorder_beams(index, sources)
