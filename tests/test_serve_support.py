@@ -72,6 +72,7 @@ def live_server(model=None, tokenizer=None, **settings):
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
+    app.state.server.http = server  # tests stop it as a SIGTERM would (should_exit)
     try:
         yield f"http://127.0.0.1:{port}", app.state.server
     finally:
