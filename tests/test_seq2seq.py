@@ -356,3 +356,40 @@ def test_a_run_folder_survives_being_copied(copier, tmp_path, capsys):
     assert code == 0 and json.loads(out)["outputs"][0]["text"]
     write_jsonl_pairs(tmp_path / "p.jsonl", [("a", "b")])
     assert json.loads((tmp_path / "p.jsonl").read_text()) == {"source": "a", "target": "b"}
+
+
+# ---------------------------------------------------------------------------- T5 span corruption
+
+def test_span_corruption_source_and_target_rebuild_the_window():
+    from lmforge.data.collate import span_corruption
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 100, (6, 40))
+    source, target = span_corruption(ids, 3, 0.15, generator)
+    for row in range(6):
+        src = [t for t in source[row].tolist() if t != -1]
+        tgt = [t for t in target[row].tolist() if t != -1]
+        spans, current = [], None
+        for token in tgt:  # the target is <s> span <s> span ...
+            if token == 3:
+                current = []
+                spans.append(current)
+            else:
+                current.append(token)
+        assert src.count(3) == len(spans) and sum(map(len, spans)) == 6  # round(0.15 * 40) tokens removed
+        rebuilt = [t for token in src for t in (spans.pop(0) if token == 3 else [token])]
+        assert rebuilt == ids[row].tolist()
+
+
+def test_span_objective_pretrains_an_encoder_decoder(tmp_path, capsys):
+    from helpers import ENGLISH, read_metrics, write_corpus
+
+    corpus = write_corpus(tmp_path)
+    code, out, err = run_cli(capsys, "pretrain", "--arch", "encoder-decoder", "--objective", "span", "--data", corpus,
+                             "--tokenizer", "char", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+                             "--block-size", "32", "--batch-size", "8", "--max-steps", "30", "--eval-every", "30",
+                             "--no-progress", "--no-bf16", "--out", tmp_path / "run")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["objective"] == "span"
+    train = read_metrics(tmp_path / "run", "train")
+    assert train[-1]["loss"] < train[0]["loss"] and ENGLISH

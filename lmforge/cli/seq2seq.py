@@ -54,7 +54,9 @@ def _add_data_flags(p: argparse.ArgumentParser, pretrain: bool) -> None:
     group.add_argument("--val-decode", type=int, help="validation pairs decoded for BLEU/ROUGE-L (default 500/200)")
     if pretrain:
         group.add_argument("--task", choices=SEQ2SEQ_TASKS, help="train a translator or a summariser from scratch")
-        group.add_argument("--objective", choices=["seq2seq"], help="seq2seq: parallel data (implied by --task)")
+        group.add_argument("--objective", choices=["clm", "mlm", "denoise", "span", "seq2seq"],
+                           help="default: the arch's (clm, mlm, denoise); span: T5's span corruption "
+                                "(encoder-decoder, monolingual --data); seq2seq: parallel data (implied by --task)")
         group.add_argument("--separate-vocab", action=argparse.BooleanOptionalAction,
                            help="a BPE per side instead of one joint BPE")
     else:

@@ -227,6 +227,35 @@ def _span_mask(length: int, n_masked: int, mean_span: float, generator: torch.Ge
     return delta.cumsum(0)[:length] > 0
 
 
+def _pad_rows(rows: list[torch.Tensor], fill: int, dtype) -> torch.Tensor:
+    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), fill, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def span_corruption(ids: torch.Tensor, sentinel_id: int, prob: float, generator: torch.Generator,
+                    mean_span: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5's span corruption of a (batch, T) tensor: spans chosen as corrupt_spans chooses them
+    each become one sentinel in the source, and the target is only what was removed, each span
+    after a sentinel (`<s> a b <s> c` for two spans), so the decoder predicts ~prob·T tokens
+    instead of rebuilding all T. lmforge's tokenizers have one <mask>, so one sentinel serves every
+    span (T5 numbers them); the spans' order tells them apart. Returns (source, target), right-
+    padded with -1."""
+    length = ids.shape[1]
+    n_masked = min(length - 1, max(1, round(prob * length)))
+    sources, targets = [], []
+    for row in ids:
+        mask = _span_mask(length, n_masked, mean_span, generator)
+        starts_span = mask & ~torch.cat([torch.tensor([False]), mask[:-1]])
+        sentinel = torch.full_like(row, sentinel_id)
+        sources.append(torch.where(mask, sentinel, row)[~mask | starts_span])
+        both = torch.stack([sentinel, row], dim=1)  # each position as (sentinel, token)
+        keep = torch.stack([starts_span, mask], dim=1)  # a span's first token brings its sentinel
+        targets.append(both[keep])
+    return _pad_rows(sources, -1, ids.dtype), _pad_rows(targets, -1, ids.dtype)
+
+
 def corrupt_spans(ids: torch.Tensor, mask_id: int, prob: float, generator: torch.Generator,
                   mean_span: float = 3.0) -> torch.Tensor:
     """BART-style text infilling of a (batch, T) tensor for denoising pretraining.
@@ -242,8 +271,4 @@ def corrupt_spans(ids: torch.Tensor, mask_id: int, prob: float, generator: torch
         mask = _span_mask(length, n_masked, mean_span, generator)
         starts_span = mask & ~torch.cat([torch.tensor([False]), mask[:-1]])
         rows.append(torch.where(mask, torch.full_like(row, mask_id), row)[~mask | starts_span])
-    width = max((len(r) for r in rows), default=0)
-    out = torch.full((batch, width), -1, dtype=ids.dtype)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-    return out
+    return _pad_rows(rows, -1, ids.dtype)

@@ -6,6 +6,8 @@
   the model has segment embeddings (collate.segment_ids says why that is the pair).
 - denoise: BART-style text infilling (encoder-decoder): spans of the source collapse into one
   <mask> each; the decoder rebuilds the original window.
+- span: T5-style span corruption (encoder-decoder): the same spans collapse into one <mask>
+  each; the decoder produces only the removed spans, each after its <mask>.
 Each returns the keyword arguments of `LanguageModel.forward`, labels included.
 """
 
@@ -16,11 +18,12 @@ from collections.abc import Sequence
 import torch
 
 from lmforge.config import ModelConfig, TrainConfig
-from lmforge.data.collate import corrupt_spans, mask_tokens, segment_ids, word_start_table
+from lmforge.data.collate import corrupt_spans, mask_tokens, segment_ids, span_corruption, word_start_table
 from lmforge.errors import LmforgeError
 
 DEFAULT_FOR_ARCH = {"decoder": "clm", "encoder": "mlm", "encoder-decoder": "denoise"}
-ARCHS_FOR_OBJECTIVE = {"clm": ("decoder",), "mlm": ("encoder",), "denoise": ("encoder-decoder",)}
+ARCHS_FOR_OBJECTIVE = {"clm": ("decoder",), "mlm": ("encoder",), "denoise": ("encoder-decoder",),
+                       "span": ("encoder-decoder",)}
 
 
 class Objective:
@@ -31,7 +34,7 @@ class Objective:
         (collate.word_start_table): mlm masks whole words."""
         if config.arch not in ARCHS_FOR_OBJECTIVE[name]:
             raise LmforgeError(f"objective {name} does not fit arch {config.arch}; use {DEFAULT_FOR_ARCH[config.arch]}")
-        if name in ("mlm", "denoise") and config.mask_token_id is None:
+        if name in ("mlm", "denoise", "span") and config.mask_token_id is None:
             raise LmforgeError(f"objective {name} needs a <mask> token in the tokenizer")
         if word_starts is not None and name != "mlm":
             raise LmforgeError(f"whole-word masking is for the mlm objective; this one is {name}")
@@ -69,17 +72,20 @@ class Objective:
             if self.with_segments:
                 batch["token_type_ids"] = segment_ids(ids, self.config.eos_token_id)
             return batch
-        source = corrupt_spans(window[:, :-1], self.config.mask_token_id, self.mask_prob, generator)
+        if self.name == "span":
+            source, target = span_corruption(window[:, :-1], self.config.mask_token_id, self.mask_prob, generator)
+        else:
+            source = corrupt_spans(window[:, :-1], self.config.mask_token_id, self.mask_prob, generator)
+            target = window[:, :-1]
         attention_mask = (source != -1).long()
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         source = source.masked_fill(source == -1, pad)
         start = self.config.decoder_start_token_id
         start = start if start is not None else (self.config.eos_token_id or 0)
-        target = window[:, :-1]
         decoder_input = torch.cat([torch.full_like(target[:, :1], start), target[:, :-1]], dim=1)
         return {
             "input_ids": source,
             "attention_mask": attention_mask,
-            "decoder_input_ids": decoder_input,
-            "labels": target,
+            "decoder_input_ids": decoder_input.masked_fill(decoder_input == -1, pad),
+            "labels": target.masked_fill(target == -1, -100),
         }
