@@ -126,7 +126,7 @@ def decode_steps(
     if not prompts or any(len(p) == 0 for p in prompts):
         raise LmforgeError("every prompt needs at least one token")
     model.eval()
-    block = model.config.block_size
+    block = getattr(model, "max_input_tokens", model.config.block_size)  # less a soft prompt's share
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     device = next(model.parameters()).device
     batch = len(prompts)
@@ -169,7 +169,7 @@ def decode_steps(
         yield tokens.tolist(), done
         if bool(done.all()) or index == max_new - 1:
             return
-        step_mask = None if full_mask is None else full_mask[:, : cache.length + 1]
+        step_mask = None if full_mask is None else full_mask[:, : ids.shape[1] + index + 1]  # the caller's tokens
         logits = step(tokens[:, None], step_mask, compiled=config.compile)
 
 

@@ -59,11 +59,12 @@ def stored_shapes(model) -> dict:
 
 
 def save_model(model, folder: str | Path, tokenizer=None, metadata: dict | None = None, weights=None,
-               task: dict | None = None) -> None:
+               task: dict | None = None, card: bool = True) -> None:
     """Write a model folder that `load_model` (and `lmforge generate/eval`) accept.
 
     `weights` replaces model.state_dict() when the caller already gathered it (FSDP); `task` is
-    what a fine-tuned model is for (task.json, read back by `read_task`)."""
+    what a fine-tuned model is for (task.json, read back by `read_task`); `card` writes README.md,
+    the model card (a checkpoint, which is not published as it is, goes without)."""
     from safetensors.torch import save
 
     folder = Path(folder)
@@ -82,6 +83,10 @@ def save_model(model, folder: str | Path, tokenizer=None, metadata: dict | None 
         tokenizer.save(folder / "tokenizer.json")
     if task is not None:
         write_task(folder, task)
+    if card:
+        from lmforge.insight.card import write_card  # lazily: the card reads folders, it sits above this module
+
+        write_card(folder)
 
 
 def write_task(folder: str | Path, task: dict) -> None:
@@ -240,6 +245,9 @@ def convert_to_hf(model_dir: str | Path, out_dir: str | Path):
         to_peft(model, tokenizer, out, task=read_task(model_dir))
     else:
         to_hf(model, tokenizer, out, task=read_task(model_dir))
+    from lmforge.insight.card import CARD, card_text
+
+    atomic_write_text(out / CARD, card_text(model_dir, library="transformers"))  # the card, for transformers
     return model
 
 

@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank on the frozen model (e.g. 8)")
     fine.add_argument("--lora-alpha", type=float, help="LoRA: updates are scaled by alpha/rank (default 2*rank)")
     fine.add_argument("--lora-targets", help="LoRA: comma-separated layers out of q,k,v,o,ffn (default q,v)")
+    fine.add_argument("--prompt-tuning", type=int, metavar="N",
+                      help="train N soft-prompt vectors read before every input, the model frozen (e.g. 20)")
     _add_training_flags(fine)
     fine.set_defaults(func=cmd_finetune)
 

@@ -7,6 +7,9 @@ names a user knows, mapped onto lmforge's layers: q, k and v are column ranges o
 `ffn.down`. A fused layer with several targets keeps one (A, B) pair per target: each is the
 rank-r update of its own slice, as it would be for separate q/k/v layers.
 
+The same spec, adapter folder and freezing serve prompt tuning (`prompt_tokens`, with rank 0
+unless both are asked for): finetune/prompt_tuning.py adds the soft prompt.
+
 This module knows layers and tensors only (it imports nothing above model/); model_folder.py
 reads and writes adapter folders, and interop/peft.py exports them in PEFT's format.
 """
@@ -23,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
+from lmforge.finetune import prompt_tuning
 from lmforge.model.attention import Attention
 from lmforge.model.layers import FeedForward
 from lmforge.model.linear import Linear
@@ -35,22 +39,27 @@ ALPHA_PER_RANK = 2.0
 # A frozen model with B = 0 learns slowly at full fine-tuning's lr 1e-4: LoRA runs start from
 # the Alpaca-LoRA recipe's lr (3e-4 with rank 8, alpha 16). Every value can still be given.
 TRAIN_DEFAULTS = {"lr": 3e-4, "min_lr": 3e-5}
-OPTIONS = ("lora_rank", "lora_alpha", "lora_targets")
+OPTIONS = ("lora_rank", "lora_alpha", "lora_targets", "prompt_tuning")
 
 
 @dataclass(frozen=True)
 class LoraSpec:
     """What adapter.json records: the adapters' shape, and the base model they apply to."""
 
-    rank: int
+    rank: int  # 0: no LoRA matrices (a prompt-tuning run)
     alpha: float
     targets: tuple[str, ...]
     base: str = ""  # the base model folder, absolute
     base_fingerprint: str = ""  # sha256 of the base weights the adapters were trained on
+    prompt_tokens: int = 0  # soft prompt vectors (prompt tuning); 0: none
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / self.rank if self.rank else 0.0
+
+    @property
+    def train_defaults(self) -> dict:
+        return TRAIN_DEFAULTS if self.rank else prompt_tuning.TRAIN_DEFAULTS
 
     def to_dict(self) -> dict:
         return {**asdict(self), "targets": list(self.targets)}
@@ -58,29 +67,33 @@ class LoraSpec:
     @classmethod
     def from_dict(cls, data: dict) -> LoraSpec:
         return cls(int(data["rank"]), float(data["alpha"]), tuple(data["targets"]), str(data.get("base", "")),
-                   str(data.get("base_fingerprint", "")))
+                   str(data.get("base_fingerprint", "")), int(data.get("prompt_tokens", 0)))
 
     def same_shape(self, other: LoraSpec) -> bool:
-        return (self.rank, self.alpha, self.targets) == (other.rank, other.alpha, other.targets)
+        return ((self.rank, self.alpha, self.targets, self.prompt_tokens)
+                == (other.rank, other.alpha, other.targets, other.prompt_tokens))
 
 
 def take_options(options: dict) -> LoraSpec | None:
-    """Pop the --lora-* options from a run's flat options; the spec they ask for, or None."""
+    """Pop the --lora-* and --prompt-tuning options from a run's flat options; the spec they ask
+    for, or None."""
     given = {key.replace("-", "_"): options.pop(key) for key in list(options) if key.replace("-", "_") in OPTIONS}
-    rank, alpha, targets = (given.get(key) for key in OPTIONS)
+    rank, alpha, targets, prompt = (given.get(key) for key in OPTIONS)
+    prompt = 0 if prompt is None else prompt_tuning.check_length(prompt)
     if rank is None:
         extra = [flag for flag, value in (("--lora-alpha", alpha), ("--lora-targets", targets)) if value is not None]
         if extra:
             need = "need" if len(extra) > 1 else "needs"
             raise LmforgeError(f"{' and '.join(extra)} {need} --lora-rank (the adapters' rank; e.g. 8)")
-        return None
+        return LoraSpec(0, 0.0, (), prompt_tokens=prompt) if prompt else None
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise LmforgeError(f"--lora-rank must be a whole number of at least 1; got {rank!r}")
     if alpha is None:
         alpha = ALPHA_PER_RANK * rank
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
         raise LmforgeError(f"--lora-alpha must be a positive number; got {alpha!r}")
-    return LoraSpec(rank, float(alpha), parse_targets(DEFAULT_TARGETS if targets is None else targets))
+    return LoraSpec(rank, float(alpha), parse_targets(DEFAULT_TARGETS if targets is None else targets),
+                    prompt_tokens=prompt)
 
 
 def parse_targets(value) -> tuple[str, ...]:
@@ -150,7 +163,9 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     and a classifier's head, and remember the spec on `model.lora` (save_model reads it)."""
     if getattr(model, "lora", None) is not None:
         raise LmforgeError("the model already has LoRA adapters; merge them first (lmforge merge-lora)")
-    for module in list(model.modules()):
+    if spec.prompt_tokens:
+        prompt_tuning.add_soft_prompt(model, spec.prompt_tokens)
+    for module in list(model.modules()) if spec.rank else ():
         if not isinstance(module, Attention | FeedForward):
             continue
         for attribute, slices in _layer_targets(module).items():
@@ -165,7 +180,8 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
 
 def is_adapter_weight(name: str, config) -> bool:
     """What trains and what adapter.safetensors holds: the LoRA matrices and a classifier's head."""
-    return ".lora_A." in name or ".lora_B." in name or bool(config.task_head and name.startswith("head."))
+    return (".lora_A." in name or ".lora_B." in name or name == "soft_prompt"
+            or bool(config.task_head and name.startswith("head.")))
 
 
 def adapter_layers(model: nn.Module) -> dict[str, LoraLinear]:
@@ -176,7 +192,8 @@ def adapter_layers(model: nn.Module) -> dict[str, LoraLinear]:
 def merge(model: nn.Module, fold: bool = True) -> nn.Module:
     """Replace every LoraLinear by a plain Linear, in place; with fold, its weight gains the update
     (scaling · B A), so the model computes what the adapted one did. fold=False strips the adapters:
-    the base model (with a classifier's trained head). Every parameter trains again."""
+    the base model (with a classifier's trained head). Every parameter trains again. A soft prompt
+    stays: it is an input, not a change of weights, so folding cannot remove it."""
     for name, layer in adapter_layers(model).items():
         parent_name, _, attribute = name.rpartition(".")
         plain = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")

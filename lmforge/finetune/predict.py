@@ -34,7 +34,7 @@ def classify_texts(model, tokenizer, task: dict, texts: list[str], pairs: list[s
                    batch_size: int = BATCH_SIZE) -> list[list[dict]]:
     """For each text, every label with its probability, most likely first (the shape of
     transformers' text-classification pipeline with top_k=None)."""
-    encoded = classify.encode(tokenizer, texts, pairs, model.config.block_size, model.config.arch, task["template"])
+    encoded = classify.encode(tokenizer, texts, pairs, model.max_input_tokens, model.config.arch, task["template"])
     examples = [classify.Example(ids, types, -1) for ids, types in encoded]
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     probabilities = classify.class_probabilities(model, examples, batch_size, pad_id)
@@ -72,7 +72,7 @@ def _texts(rows: list[Row], columns: classify.Columns, path) -> tuple[list[str],
 def answer_questions(model, tokenizer, task: dict, questions: list[qa.Question], batch_size: int = BATCH_SIZE,
                      max_answer_tokens: int | None = None) -> list[dict]:
     """Each question's best answer: {id, answer, start, end, score}, offsets in characters of its context."""
-    windows = qa.build_windows(questions, tokenizer, model.config.block_size, model.config.arch, task["template"],
+    windows = qa.build_windows(questions, tokenizer, model.max_input_tokens, model.config.arch, task["template"],
                                task["doc_stride"], with_labels=False)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     return qa.answer(model, questions, windows, batch_size, pad_id, max_answer_tokens or task["max_answer_tokens"])[0]
@@ -104,7 +104,7 @@ def evaluate_qa(model, tokenizer, task: dict, paths: list[str], batch_size: int 
             notes.append(skipped.summary())
     if not questions:
         raise LmforgeError("; ".join(notes) or "no questions to score")
-    windows = qa.build_windows(questions, tokenizer, model.config.block_size, model.config.arch, task["template"],
+    windows = qa.build_windows(questions, tokenizer, model.max_input_tokens, model.config.arch, task["template"],
                                task["doc_stride"])
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     return {**qa.score(model, questions, windows, batch_size, pad_id, task["max_answer_tokens"]), "skipped": notes}
@@ -120,13 +120,13 @@ def evaluate_file(model, tokenizer, task: dict, paths: list[str], batch_size: in
     for path in paths:
         rows = read_rows(path)
         if task["task"] == "instruct":
-            found, skipped = instruct.build_examples(rows, tokenizer, task["chat_template"], model.config.block_size,
+            found, skipped = instruct.build_examples(rows, tokenizer, task["chat_template"], model.max_input_tokens,
                                                      path)
         else:
             columns = classify.find_columns(rows, path, task.get("text_column"), task.get("text_pair_column"),
                                             task.get("label_column"))
             found, skipped = classify.build_examples(rows, columns, task["labels"], tokenizer,
-                                                     model.config.block_size, model.config.arch, task["template"],
+                                                     model.max_input_tokens, model.config.arch, task["template"],
                                                      path)
         examples += found
         if skipped.count:

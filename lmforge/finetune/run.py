@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -144,7 +144,7 @@ def prepare_task_run(options: dict) -> Run:
     train_paths = _as_list(run_opts.get("data"))
     if not train_paths:
         raise LmforgeError("--data is required: a TSV, CSV or JSONL file of labelled rows")
-    new_defaults = {**TASK_DEFAULTS[run_opts["task"]], **(lora.TRAIN_DEFAULTS if lora_spec else {})}
+    new_defaults = {**TASK_DEFAULTS[run_opts["task"]], **(lora_spec.train_defaults if lora_spec else {})}
     train_opts = {**(_read_json(out / "train_config.json") if restart else new_defaults), **train_opts}
     train_config = TrainConfig.from_dict(train_opts)
 
@@ -167,11 +167,11 @@ def prepare_task_run(options: dict) -> Run:
         raise LmforgeError("--augment applies to --task classify")
     val_paths = _as_list(run_opts.get("val_data"))
     val_rows = read_labelled(val_paths, run_opts["task"]) if val_paths else None
+    inputs = replace(model.config, block_size=model.max_input_tokens)  # a soft prompt takes its share
     if task["task"] == "qa":
-        train, val, notes, val_questions = _qa_examples(train_rows, val_rows, task, tokenizer, model.config,
-                                                        train_config)
+        train, val, notes, val_questions = _qa_examples(train_rows, val_rows, task, tokenizer, inputs, train_config)
     else:
-        (train, val, notes), val_questions = _examples(train_rows, val_rows, task, tokenizer, model.config,
+        (train, val, notes), val_questions = _examples(train_rows, val_rows, task, tokenizer, inputs,
                                                        train_config), None
     trainer = TaskTrainer(model, train_config, train, val, out, tokenizer, task, world=world,
                           val_questions=val_questions)

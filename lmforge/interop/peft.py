@@ -51,6 +51,8 @@ def to_peft(model, tokenizer, out_dir: str | Path, task: dict | None = None) -> 
     from lmforge.finetune.lora import adapter_layers, merge
 
     spec, config = model.lora, model.config
+    if spec.prompt_tokens:
+        raise LmforgeError("cannot export a soft prompt (prompt tuning) to PEFT's format yet; only LoRA adapters")
     params = {p.ours: p for p in EXPORT_FAMILY[config.arch].params(config)}
     tensors, ranks, alphas, targets, transposed = {}, {}, {}, [], set()
     for name, layer in adapter_layers(model).items():

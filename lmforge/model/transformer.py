@@ -141,12 +141,36 @@ class LanguageModel(nn.Module):
             self.decoder_embed = Embeddings(config)
             n_layers = config.decoder_layers if config.arch == "encoder-decoder" else config.n_layer
             self.decoder = Stack(config, n_layers, causal=True, cross=config.arch == "encoder-decoder")
+        # Prompt tuning (finetune/prompt_tuning.py): n learnt vectors (n, C) read before every input,
+        # as if they were tokens. Set on a frozen model; None otherwise, and then nothing changes.
+        self.register_parameter("soft_prompt", None)
         self.head = self.make_head(config)
         self.apply(self._init_weights)
         for name, param in self.named_parameters():  # GPT-2: residual writes scaled by depth
             if name.endswith(("attn.proj.weight", "ffn.down.weight")):
                 nn.init.normal_(param, mean=0.0, std=config.init_std / math.sqrt(2 * self.n_blocks))
         self.tie_weights()
+
+    @property
+    def prompt_length(self) -> int:
+        return 0 if self.soft_prompt is None else self.soft_prompt.shape[0]
+
+    @property
+    def max_input_tokens(self) -> int:
+        """The longest input: the position window less what a soft prompt takes of it."""
+        return self.config.block_size - self.prompt_length
+
+    def _with_prompt(self, x, attention_mask, token_type_ids=None, first: bool = True):
+        """Token vectors with the soft prompt before them (on the first pass; a cached step only
+        extends the mask, whose cached part already covers the prompt)."""
+        n = self.prompt_length
+        if first:
+            x = torch.cat([self.soft_prompt.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+            if token_type_ids is not None:
+                token_type_ids = nn.functional.pad(token_type_ids, (n, 0))
+        if attention_mask is not None:
+            attention_mask = nn.functional.pad(attention_mask, (n, 0), value=1)
+        return x, attention_mask, token_type_ids
 
     def make_head(self, config: ModelConfig) -> nn.Module:
         """The head this family trains with; a subclass with another task overrides it."""
@@ -171,11 +195,14 @@ class LanguageModel(nn.Module):
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         """Bidirectional pass over the whole input (encoder and encoder-decoder)."""
-        T = input_ids.shape[1]
+        x, n = self.token_embedding(input_ids), self.prompt_length
+        if n:
+            x, attention_mask, token_type_ids = self._with_prompt(x, attention_mask, token_type_ids)
+        T = x.shape[1]
         position_ids = torch.arange(T, device=input_ids.device)[None]
-        x = self.encoder_embed(self.token_embedding(input_ids), position_ids, token_type_ids)
+        x = self.encoder_embed(x, position_ids, token_type_ids)
         ctx = self.encoder.context(T, 0, attention_mask, position_ids, input_ids.device)
-        return self.encoder(x, ctx)
+        return self.encoder(x, ctx)[:, n:]
 
     def decode(
         self,
@@ -188,16 +215,21 @@ class LanguageModel(nn.Module):
     ) -> torch.Tensor:
         """Causal pass; with a cache, input_ids are only the new tokens and attention_mask
         covers the cached ones too."""
-        T, past = input_ids.shape[1], cache.length if cache is not None else 0
+        x, past = self.token_embedding(input_ids), cache.length if cache is not None else 0
+        n = self.prompt_length if self.config.arch == "decoder" else 0  # an encoder-decoder prompts its encoder
+        if n:
+            x, attention_mask, _ = self._with_prompt(x, attention_mask, first=past == 0)
+        T = x.shape[1]
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past, T, input_ids.device)
-        x = self.decoder_embed(self.token_embedding(input_ids), position_ids)
+        x = self.decoder_embed(x, position_ids)
         ctx = self.decoder.context(T, past, attention_mask, position_ids, input_ids.device)
         memory_ctx = None
         if encoder_output is not None:
             memory_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()[:, None, None, :]
             memory_ctx = AttentionContext(memory_mask, False)
-        return self.decoder(x, ctx, cache, encoder_output, memory_ctx)
+        hidden = self.decoder(x, ctx, cache, encoder_output, memory_ctx)
+        return hidden[:, n:] if n and past == 0 else hidden
 
     def forward(
         self,
@@ -240,8 +272,10 @@ class LanguageModel(nn.Module):
         return ModelOutput(logits, loss, hidden, encoder_output)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """A cache for max_len tokens of input and output (and the soft prompt's, if any)."""
         param = next(self.parameters())
-        return KVCache(self.config, batch, max_len, dtype=param.dtype, device=param.device)
+        extra = self.prompt_length if self.config.arch == "decoder" else 0
+        return KVCache(self.config, batch, max_len + extra, dtype=param.dtype, device=param.device)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied head counts once); optionally without embedding tables."""

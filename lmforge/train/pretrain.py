@@ -206,6 +206,8 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
         "dedup": run_opts.get("dedup"),
         "init": os.path.abspath(init) if init else None,
         "lora": model.lora.to_dict() if getattr(model, "lora", None) else None,
+        "corpus": summary or saved_run.get("corpus"),  # for run reports and model cards (lmforge/insight)
+        "tokens": {"train": len(train_store), "val": len(val_store) if val_store is not None else 0},
     }
     atomic_write_text(out / "run.json", json.dumps(run_record, indent=2) + "\n")  # last: the folder is ready
     return Run(trainer, model, tokenizer, resumed, summary, init)

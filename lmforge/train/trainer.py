@@ -305,7 +305,7 @@ class Trainer:
                 train_loss = window_loss / window_n if window_n else None  # every step skipped: no loss
                 self.log_main({"step": self.step, "split": "train", "loss": train_loss, "lr": result["lr"],
                                "grad_norm": result["grad_norm"], "tokens_per_s": tokens_per_s,
-                               "skipped_total": self.bad_steps})
+                               "skipped_total": self.bad_steps, "elapsed_s": elapsed})
                 bar.set_postfix(loss=f"{train_loss:.3f}" if window_n else "-", tok_s=f"{tokens_per_s:,.0f}",
                                 **dict([self.headline(last_eval)] if last_eval else []))
                 window_loss, window_n = 0.0, 0
