@@ -41,7 +41,7 @@ def save_checkpoint(
     root = run_dir / CHECKPOINT_DIR
 
     def fill(folder: Path) -> None:
-        save_model(model, folder, tokenizer, metadata={"step": step}, weights=weights, task=task)
+        save_model(model, folder, tokenizer, metadata={"step": step}, weights=weights, task=task, card=False)
         buffer = io.BytesIO()
         torch.save(trainer_state, buffer)
         atomic_write_bytes(folder / TRAINER_STATE, buffer.getvalue())
@@ -68,6 +68,9 @@ def publish_model(folder: Path, run_dir: str | Path) -> None:
     """Make `folder`'s model the run folder's top-level model, file by file, each atomically."""
     for name in model_files(folder):  # a plain model, or a LoRA run's adapter
         atomic_copy(folder / name, Path(run_dir) / name)
+    from lmforge.insight.card import write_card
+
+    write_card(run_dir)  # with the run's data, steps, time and metrics, which the run folder holds
 
 
 def _write_whole(final: Path, fill) -> Path:
