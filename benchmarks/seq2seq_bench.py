@@ -33,12 +33,13 @@ DATA = ROOT.parent / "shared" / "data"
 MULTI30K, SCITLDR, DIALOGSUM = DATA / "multi30k_en_de", DATA / "scitldr_a", DATA / "dialogsum"
 # A base Transformer shrunk to the budget: 3+3 layers of 256 (Multi30k is 29k short sentences; more
 # depth trains fewer epochs in 30 minutes), a joint 8k BPE, Vaswani et al.'s label smoothing 0.1,
-# dropout 0.1, Adam β2 0.98 and a warm-up, about 2,000 tokens a batch.
+# dropout 0.1, Adam β2 0.98, a warm-up and lr 1e-3 (a short run wants a large step), about 2,000
+# tokens (64 sentence pairs) a batch.
 TRANSFORMER = {"arch": "encoder-decoder", "n_layer": 3, "n_decoder_layer": 3, "n_embd": 256, "n_head": 4,
                "d_ff": 1024, "block_size": 128, "vocab_size": 8000, "dropout": 0.1}
 LSTM = {"arch": "lstm", "n_layer": 2, "n_decoder_layer": 2, "n_embd": 384, "block_size": 128, "vocab_size": 8000,
         "dropout": 0.2}
-TRAIN = {"batch_size": 64, "lr": 7e-4, "min_lr": 5e-5, "warmup_steps": 400, "label_smoothing": 0.1,
+TRAIN = {"batch_size": 64, "lr": 1e-3, "min_lr": 5e-5, "warmup_steps": 400, "label_smoothing": 0.1,
          "weight_decay": 0.01, "beta2": 0.98, "val_decode": 300, "progress": False, "bf16": False}
 LSTM_TRAIN = {**TRAIN, "lr": 2e-3, "min_lr": 1e-4, "warmup_steps": 200}
 SUMMARY_MODEL = {**TRANSFORMER, "block_size": 512}
@@ -164,6 +165,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget of each model (default 30)")
     parser.add_argument("--parts", default="transformer,lstm,summarize", help="which of transformer,lstm,summarize")
+    parser.add_argument("--vocab-size", type=int, default=8000, help="the joint BPE's size (default 8000)")
+    parser.add_argument("--batch-size", type=int, default=64, help="translation: sentence pairs a step (default 64)")
     parser.add_argument("--json-out", help="also write the JSON here")
     parser.add_argument("--readme", action="store_true", help="publish the table into README.md")
     args = parser.parse_args()
@@ -174,6 +177,9 @@ def main() -> None:
         if not folder.is_dir():
             sys.exit(f"benchmark data not found: {folder}")
     torch.manual_seed(0)
+    for recipe in (TRANSFORMER, LSTM, SUMMARY_MODEL):
+        recipe["vocab_size"] = args.vocab_size
+    TRAIN["batch_size"] = LSTM_TRAIN["batch_size"] = args.batch_size
     result = {"command": command_line("seq2seq_bench.py", sys.argv[1:]), "machine": machine(),
               "minutes": args.minutes}
     with tempfile.TemporaryDirectory() as folder:

@@ -144,6 +144,16 @@ def test_collate_shifts_the_target_right():
     assert batch["decoder_input_ids"].tolist() == [[99, a, b, c], [99, c, sides.pad_id, sides.pad_id]]
 
 
+def test_a_tokenizer_with_bos_frames_both_sides_as_bart_does():
+    tokenizer = Tokenizer.train("char", ["abc"], special_tokens=["<s>", "<pad>", "</s>"])
+    sides = Sides(tokenizer)
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    a, b, c = tokenizer.encode("abc")
+    assert sides.encode_sources(["abc"], 4) == [[bos, a, b, eos]]  # cut to 4 tokens, bos and eos kept
+    assert sides.encode_targets(["ab"]) == [[bos, a, b, eos]]
+    assert sides.decode([bos, a, c]) == "ac"
+
+
 def test_bucketing_pads_less_than_random_batches():
     rng = random.Random(0)
     tokenizer = Tokenizer.train("char", ["ab"])

@@ -153,13 +153,20 @@ class Sides:
 
         return cls(tokenizer, Tokenizer(tokenizers.Tokenizer.from_str(text)))
 
+    @staticmethod
+    def _frame(tokenizer: Tokenizer, ids: list[int], room: int | None = None) -> list[int]:
+        """ids + eos, after bos when the tokenizer has one (BART's `<s> … </s>`; lmforge's BPE has none)."""
+        start = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        room = None if room is None else room - len(start) - 1
+        return start + ids[:room] + [tokenizer.eos_id]
+
     def encode_sources(self, texts: list[str], max_len: int) -> list[list[int]]:
-        encoded = (self.source or self.target).encode_batch(list(texts))
-        eos = (self.source or self.target).eos_id
-        return [[i + self.offset for i in ids[: max_len - 1]] + [eos + self.offset] for ids in encoded]
+        tokenizer = self.source or self.target
+        return [[i + self.offset for i in self._frame(tokenizer, ids, max_len)]
+                for ids in tokenizer.encode_batch(list(texts))]
 
     def encode_targets(self, texts: list[str]) -> list[list[int]]:
-        return [ids + [self.eos_id] for ids in self.target.encode_batch(list(texts))]
+        return [self._frame(self.target, ids) for ids in self.target.encode_batch(list(texts))]
 
     def decode(self, ids: list[int]) -> str:
         """A target's text; ids that are not target tokens (a source token the model emitted) are dropped."""
