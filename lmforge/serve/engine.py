@@ -3,8 +3,9 @@
 Requests wait in a bounded queue; each loop of the engine admits some of them (prefilling each
 alone, exactly as `generate` prefills one prompt), then runs ONE decoding step for every running
 request together, then drops the ones that finished. So requests join and leave the batch at
-every step, and a long prompt delays the running requests by one prefill at most (`prefill_budget`
-caps the prompt tokens admitted per loop).
+every step. Between two steps the running requests wait for at most `prefill_budget` prompt
+tokens of prefill (or one prompt, if it is longer): a burst of arrivals is admitted over several
+steps instead of stalling every running stream at once.
 
 Each running request owns a row of a SlotCache. Tokens are picked by `generate.pick_next` with
 the request's own settings and random generator, so a greedy request gives the tokens `lmforge
@@ -76,7 +77,7 @@ def fit_prompt(prompt: list[int], max_tokens: int, block_size: int, echo: bool) 
 
 class Engine:
     def __init__(self, model, eos_id: int | None, max_batch: int = 16, max_queue: int = 64,
-                 prefill_budget: int = 512):
+                 prefill_budget: int = 128):
         if model.config.arch != "decoder":
             raise LmforgeError(f"serve needs a decoder model; this folder holds an {model.config.arch} model")
         if max_batch < 1 or max_queue < 0:
