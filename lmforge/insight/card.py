@@ -38,8 +38,9 @@ def card_text(folder, library: str = "lmforge") -> str:
     header.append("---")
     params = info["parameters"]
     size = f"{params / 1e6:.2f}M parameters" if params else "unknown size"
+    article = "An" if arch[0] in "aeiou" else "A"
     lines = [*header, "", f"# {Path(folder).resolve().name}", "",
-             f"A {arch} Transformer trained with lmforge{f' for {task}' if task else ''}: {size}.", "",
+             f"{article} {arch} Transformer trained with lmforge{f' for {task}' if task else ''}: {size}.", "",
              "## Model", ""]
     for key in ("n_layer", "n_head", "n_kv_head", "n_embd", "d_ff", "block_size", "position", "norm", "activation"):
         if config.get(key) is not None:

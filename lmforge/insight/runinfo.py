@@ -70,6 +70,14 @@ def parameter_count(folder: Path) -> int | None:
     return None
 
 
+def _vocab_size(tokenizer: dict, model: dict) -> int:
+    """The highest token id plus one, over the vocabulary and the added (special) tokens."""
+    vocab = model.get("vocab")
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab or [])))
+    ids += [t.get("id", 0) for t in tokenizer.get("added_tokens") or []]
+    return max(ids) + 1 if ids else 0
+
+
 def describe(folder) -> dict:
     """Everything the card and the report print about a model or run folder."""
     folder = Path(folder)
@@ -83,8 +91,7 @@ def describe(folder) -> dict:
         "run": read_json(folder / "run.json"),
         "task": read_json(folder / "task.json"),
         "parameters": parameter_count(folder),
-        "tokenizer": {"type": model.get("type"), "vocab_size": len(model.get("vocab") or {}) +
-                      len(tokenizer.get("added_tokens") or [])} if tokenizer else None,
+        "tokenizer": {"type": model.get("type"), "vocab_size": _vocab_size(tokenizer, model)} if tokenizer else None,
         "steps": max(steps) if steps else None,
         "seconds": training_seconds(found),
         "final": final_metrics(found),
