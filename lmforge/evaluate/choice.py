@@ -73,18 +73,9 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return context_ids, whole[len(context_ids):]
 
 
-@torch.no_grad()
 def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16,
                    progress=None) -> list[tuple[float, bool]]:
-    """(log P(continuation | context), whether it is the greedy continuation) for each pair.
-
-    Rows are right-padded with no attention mask: padding sits after every scored position, so it
-    changes nothing, and plain causal attention keeps its fused kernel. Only the continuation's
-    positions go through the head, which is most of the cost at a large vocabulary. The longest
-    rows go first, so a too-long batch fails at once, and similar lengths share a batch.
-    """
-    if model.config.arch != "decoder":
-        raise LmforgeError(f"log-likelihood scoring needs a decoder; this model is a {model.config.arch}")
+    """(log P(continuation | context), whether it is the greedy continuation) for each pair."""
     window = model.config.block_size
     rows = []
     for context, continuation in pairs:
@@ -93,12 +84,28 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
             raise LmforgeError(f"the continuation {continuation!r} has no tokens")
         ids = (context_ids + continuation_ids)[-(window + 1):]  # the harness keeps the end too
         rows.append((ids[:-1], ids[-len(continuation_ids):]))
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    return score_rows(model, rows, batch_size, pad, progress)
+
+
+@torch.no_grad()
+def score_rows(model, rows: list[tuple[list[int], list[int]]], batch_size: int, pad: int,
+               progress=None) -> list[tuple[float, bool]]:
+    """For rows of (input ids, targets), the targets being the tokens after the last len(targets)
+    positions: their summed log-probability, and whether each is the argmax.
+
+    Rows are right-padded with no attention mask: padding sits after every scored position, so it
+    changes nothing, and plain causal attention keeps its fused kernel. Only the scored positions
+    go through the head, which is most of the cost at a large vocabulary. The longest rows go
+    first, so a too-long batch fails at once, and similar lengths share a batch.
+    """
+    if model.config.arch != "decoder":
+        raise LmforgeError(f"log-likelihood scoring needs a decoder; this model is a {model.config.arch}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = len(rows[chunk[0]][0])

@@ -14,8 +14,6 @@ importing this module without it fails with a one-line error.
 
 from __future__ import annotations
 
-import torch
-
 from lmforge.errors import LmforgeError
 
 try:
@@ -43,25 +41,26 @@ class LmforgeLM(LM):
 
         return loglikelihoods(self.model, self.tokenizer, [r.args for r in requests], self.batch_size)
 
-    @torch.no_grad()
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Each text's whole log-likelihood: windows of max_length tokens, each token scored once,
-        the first after the end-of-text token."""
+        """Each text's whole log-likelihood, the harness's way: windows of max_length targets,
+        each token scored once, the first after the end-of-text token, each window with as much
+        context before it as fits. All windows of all texts are scored in shared batches."""
+        from lmforge.evaluate.choice import score_rows
+
         start = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else self.tokenizer.bos_id
-        results = []
-        for request in requests:
+        rows, owners = [], []
+        for number, request in enumerate(requests):
             ids = [start, *self.tokenizer.encode(request.args[0])]
-            total = 0.0
-            for first in range(1, len(ids), self.max_length):  # targets ids[first:first+L], context before them
+            for first in range(1, len(ids), self.max_length):  # targets ids[first:stop], context before them
                 stop = min(first + self.max_length, len(ids))
                 window = ids[max(0, stop - 1 - self.max_length):stop]
-                logits = self.model(torch.tensor([window[:-1]])).logits[0].float()
-                logprobs = torch.log_softmax(logits, dim=-1)
-                targets = torch.tensor(window[1:])
-                picked = logprobs.gather(-1, targets[:, None])[:, 0]
-                total += float(picked[-(stop - first):].sum())
-            results.append(total)
-        return results
+                rows.append((window[:-1], window[-(stop - first):]))
+                owners.append(number)
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        totals = [0.0] * len(requests)
+        for owner, (score, _) in zip(owners, score_rows(self.model, rows, self.batch_size, pad), strict=True):
+            totals[owner] += score
+        return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from lmforge.generate import GenerationConfig, generate
