@@ -18,7 +18,7 @@ from lmforge.errors import LmforgeError
 
 ARCHS = ("decoder", "encoder", "encoder-decoder", "lstm")  # lstm: the recurrent seq2seq baseline (model/lstm.py)
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "alibi", "none")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")  # silu: x*sigmoid(x), Marian's "swish"
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POOLINGS = ("cls", "mean", "last")
@@ -59,6 +59,8 @@ class ModelConfig:
     scale_attn_by_inverse_layer_idx: bool = False  # GPT-2 option: scores / (layer index + 1)
     scale_embedding: bool = False  # token vectors times sqrt(n_embd) before positions are added (BART option)
     lm_head_bias: bool = False  # a bias on the next-token logits (BART's final_logits_bias)
+    sinusoidal_halves: bool = False  # sinusoidal: all sines, then all cosines (Marian), not interleaved pairs
+    decoder_vocab_size: int | None = None  # encoder-decoder: the target side's own vocabulary and token table
     n_labels: int | None = None  # classify whole sequences into n labels instead of predicting tokens
     pooling: str | None = None  # the sequence's vector for classification: cls, mean or last (None: the family's)
     span_head: bool = False  # extractive QA: a start and an end logit per token instead of token predictions
@@ -100,6 +102,11 @@ class ModelConfig:
         return bool(self.n_labels or self.span_head)
 
     @property
+    def target_vocab_size(self) -> int:
+        """The vocabulary the LM head predicts: the decoder's own, when it has one."""
+        return self.decoder_vocab_size or self.vocab_size
+
+    @property
     def decoder_layers(self) -> int:
         return self.n_decoder_layer or self.n_layer
 
@@ -122,6 +129,9 @@ class ModelConfig:
             raise LmforgeError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
         if self.position == "rope" and self.head_dim % 2:
             raise LmforgeError(f"rope needs an even head dimension; got {self.head_dim}")
+        if self.decoder_vocab_size is not None and (self.arch != "encoder-decoder" or self.decoder_vocab_size < 1):
+            raise LmforgeError(f"decoder_vocab_size (a target vocabulary of its own) needs arch encoder-decoder "
+                               f"and at least 1 token; got {self.decoder_vocab_size} for {self.arch!r}")
         if self.position == "sinusoidal" and self.n_embd % 2:
             raise LmforgeError(f"sinusoidal positions need an even n_embd; got {self.n_embd}")
         if self.n_labels is not None:

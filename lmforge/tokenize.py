@@ -130,6 +130,10 @@ class Tokenizer:
                 path = path / "tokenizer.json"
             elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
                 return cls._load_gpt2(path)
+            elif (path / "source.spm").is_file():  # Marian: SentencePiece source.spm/target.spm + vocab.json
+                from lmforge.spm import SentencePieceTokenizer
+
+                return SentencePieceTokenizer.load(path)
             else:
                 raise LmforgeError(f"no tokenizer.json (nor vocab.json + merges.txt) in {path}")
         try:

@@ -15,11 +15,11 @@ import torch
 from lmforge.atomic import atomic_write_bytes, atomic_write_text
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.interop import bart, bert, gpt2
+from lmforge.interop import bart, bert, gpt2, marian
 from lmforge.interop.mapping import Family, HFConfig, label_fields, require, weights_from_hf, weights_to_hf
 from lmforge.tokenize import Tokenizer
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (gpt2.FAMILY, bert.FAMILY, bart.FAMILY)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (gpt2.FAMILY, bert.FAMILY, bart.FAMILY, marian.FAMILY)}
 EXPORT_FAMILY = {"decoder": gpt2.FAMILY, "encoder": bert.FAMILY, "encoder-decoder": bart.FAMILY}
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -141,7 +141,7 @@ def from_hf(hf_dir: str | Path):
     family, architecture = _family(data, folder)
     hf = HFConfig(data, family.defaults, family.model_type)
     options = family.config_from_hf(hf, architecture)
-    tokenizer = Tokenizer.load(folder)
+    tokenizer = Tokenizer.load(folder)  # Marian's source.spm/target.spm load through lmforge/spm.py
     generation = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
     config = ModelConfig(**options, **_token_ids(hf, generation, tokenizer))
     if tokenizer.vocab_size > config.vocab_size:
@@ -218,6 +218,8 @@ def to_hf(model, tokenizer: Tokenizer | None, out_dir: str | Path, task: dict | 
 
     config = model.config
     family = EXPORT_FAMILY[config.arch]
+    if config.arch == "encoder-decoder" and config.position == "sinusoidal":
+        family = marian.FAMILY  # BART's positions are learned, Marian's sinusoidal
     hf_config = {"model_type": family.model_type, **family.config_to_hf(config), "dtype": "float32"}
     token_ids = {name: getattr(config, name) for name in TOKEN_FIELDS}
     if config.arch == "encoder-decoder":  # lmforge falls back to bos, then eos; transformers needs it spelled out
@@ -246,6 +248,7 @@ def to_hf(model, tokenizer: Tokenizer | None, out_dir: str | Path, task: dict | 
         atomic_write_text(out / "generation_config.json", json.dumps(generation, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save(out / "tokenizer.json")
-        tokenizer_config = _tokenizer_config(tokenizer, config)
+        own = getattr(tokenizer, "hf_tokenizer_config", None)  # SentencePiece (Marian) names its own class
+        tokenizer_config = own() if own is not None else _tokenizer_config(tokenizer, config)
         atomic_write_text(out / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
     return out

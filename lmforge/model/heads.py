@@ -22,7 +22,7 @@ class LMHead(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.proj = Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
+        self.proj = Linear(config.n_embd, config.target_vocab_size, bias=config.lm_head_bias)
 
     def tie(self, embedding: nn.Embedding) -> None:
         self.proj.weight = embedding.weight

@@ -27,6 +27,7 @@ ACTIVATIONS = {  # factories: every layer gets its own module, so hooks stay per
     "gelu": GELU,
     "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
     "relu": nn.ReLU,
+    "silu": nn.SiLU,
 }
 
 

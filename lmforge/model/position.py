@@ -12,22 +12,24 @@ import torch
 import torch.nn as nn
 
 
-def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
-    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
+def sinusoidal_table(n_positions: int, dim: int, halves: bool = False) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)); with
+    `halves` the same sines fill the first half of the vector and the cosines the second (Marian)."""
     position = torch.arange(n_positions, dtype=torch.float64).unsqueeze(1)
     inv_freq = torch.pow(10000.0, -torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     table = torch.zeros(n_positions, dim, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(position * inv_freq)
-    table[:, 1::2] = torch.cos(position * inv_freq)
+    sines, cosines = (slice(0, dim // 2), slice(dim // 2, dim)) if halves else (slice(0, dim, 2), slice(1, dim, 2))
+    table[:, sines] = torch.sin(position * inv_freq)
+    table[:, cosines] = torch.cos(position * inv_freq)
     return table.float()
 
 
 class SinusoidalPositions(nn.Module):
     """A fixed table (not a parameter, not saved): positions beyond training still have a vector."""
 
-    def __init__(self, n_positions: int, dim: int):
+    def __init__(self, n_positions: int, dim: int, halves: bool = False):
         super().__init__()
-        self.register_buffer("table", sinusoidal_table(n_positions, dim), persistent=False)
+        self.register_buffer("table", sinusoidal_table(n_positions, dim, halves), persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         return self.table[position_ids]

@@ -35,7 +35,7 @@ class Embeddings(nn.Module):
         if config.position == "learned":
             self.positions = nn.Embedding(config.block_size, config.n_embd)
         elif config.position == "sinusoidal":
-            self.positions = SinusoidalPositions(config.block_size, config.n_embd)
+            self.positions = SinusoidalPositions(config.block_size, config.n_embd, config.sinusoidal_halves)
         else:
             self.positions = None
         self.segments = nn.Embedding(config.type_vocab_size, config.n_embd) if config.type_vocab_size else None
@@ -133,6 +133,10 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        # a target vocabulary of its own (Marian's separate vocabularies): the decoder and a tied head read it
+        self.decoder_token_embedding = (
+            nn.Embedding(config.decoder_vocab_size, config.n_embd) if config.decoder_vocab_size else None
+        )
         self.encoder_embed = self.encoder = self.decoder_embed = self.decoder = None
         if config.arch in ("encoder", "encoder-decoder"):
             self.encoder_embed = Embeddings(config)
@@ -179,7 +183,12 @@ class LanguageModel(nn.Module):
     def tie_weights(self) -> None:
         """Share the token table with the head's vocabulary projection, if asked and if it has one."""
         if self.config.tie_embeddings and hasattr(self.head, "tie"):
-            self.head.tie(self.token_embedding)
+            self.head.tie(self.target_embedding)
+
+    @property
+    def target_embedding(self) -> nn.Embedding:
+        """The token table of the decoder's side."""
+        return self.token_embedding if self.decoder_token_embedding is None else self.decoder_token_embedding
 
     @property
     def n_blocks(self) -> int:
@@ -215,7 +224,7 @@ class LanguageModel(nn.Module):
     ) -> torch.Tensor:
         """Causal pass; with a cache, input_ids are only the new tokens and attention_mask
         covers the cached ones too."""
-        x, past = self.token_embedding(input_ids), cache.length if cache is not None else 0
+        x, past = self.target_embedding(input_ids), cache.length if cache is not None else 0
         n = self.prompt_length if self.config.arch == "decoder" else 0  # an encoder-decoder prompts its encoder
         if n:
             x, attention_mask, _ = self._with_prompt(x, attention_mask, first=past == 0)
@@ -288,6 +297,8 @@ class LanguageModel(nn.Module):
                         if isinstance(table, nn.Embedding):
                             total -= table.weight.numel()
             if not self.config.tie_embeddings:
+                total -= self.target_embedding.weight.numel()
+            if self.decoder_token_embedding is not None:  # the source's table is only looked up
                 total -= self.token_embedding.weight.numel()
         return total
 
