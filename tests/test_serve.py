@@ -184,3 +184,16 @@ def test_sse_lines_are_openai_shaped(served):
     assert r.headers["content-type"].startswith("text/event-stream")
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     assert json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+def test_lm_eval_remote_tokenizer_reads_the_server(served):
+    """lm-evaluation-harness probes /tokenizer_info and /tokenize, then tokenizes through them."""
+    utils = pytest.importorskip("lm_eval.utils")
+    url = served[0] + "/v1/completions"
+    assert utils.check_remote_tokenizer_support(url)
+    remote, (_, tokenizer) = utils.RemoteTokenizer(url), loaded()
+    assert remote.encode("The dog sleeps") == tokenizer.encode("The dog sleeps")
+    assert remote.decode(tokenizer.encode("glitters")) == "glitters"
+    assert remote.eos_token_id == tokenizer.eos_id
+    chat = remote.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert chat == chat_prompts(trained_model_dir(), tokenizer, ["hi"])[0]

@@ -89,6 +89,16 @@ def test_disconnect_frees_the_slot():
         assert server.engine.generated_tokens == made < 40
 
 
+def test_a_caller_who_stops_waiting_frees_the_slot_too():
+    """Not streamed: the server notices the closed connection while it generates."""
+    model, tokenizer = slow_model(0.02)
+    with live_server(model, tokenizer, max_batch=2) as (url, server):
+        with pytest.raises(requests.Timeout):
+            requests.post(url + "/v1/completions", json={"prompt": "The", "max_tokens": 60}, timeout=0.3)
+        assert wait_for(lambda: server.engine.batch_size == 0, 2.0)
+        assert server.engine.generated_tokens < 50
+
+
 def test_full_queue_answers_429_with_retry_after():
     model, tokenizer = slow_model(0.02)
     with live_server(model, tokenizer, max_batch=1, max_queue=1) as (url, server):
@@ -113,6 +123,20 @@ def test_timeout_ends_a_request_with_what_it_has():
         out = requests.post(url + "/v1/completions", json={"prompt": "The", "max_tokens": 60}, timeout=30).json()
     choice = out["choices"][0]
     assert choice["finish_reason"] == "timeout" and 0 < out["usage"]["completion_tokens"] < 60
+
+
+def test_a_request_that_times_out_in_the_queue_gets_503():
+    """Steps of 0.3 s: the running request holds the one slot past the queued one's deadline."""
+    model, tokenizer = slow_model(0.3)
+    with live_server(model, tokenizer, max_batch=1, timeout=0.4) as (url, server):
+        running = threading.Thread(target=requests.post, args=(url + "/v1/completions",),
+                                   kwargs={"json": {"prompt": "The", "max_tokens": 60}, "timeout": 30})
+        running.start()
+        assert wait_for(lambda: server.engine.batch_size == 1)
+        queued = requests.post(url + "/v1/completions", json={"prompt": "The", "max_tokens": 5}, timeout=30)
+        running.join(30)
+    assert queued.status_code == 503 and queued.headers["Retry-After"] == "1"
+    assert queued.json()["error"]["code"] == "timeout"
 
 
 def test_api_keys_and_rate_limit():

@@ -208,7 +208,8 @@ def create_app(model, tokenizer, settings: ServeSettings | None = None) -> FastA
         tok = server.tokenizer
         name = {role: tok.id_to_token(i) if i is not None else None
                 for role, i in (("eos_token", tok.eos_id), ("bos_token", tok.bos_id), ("pad_token", tok.pad_id))}
-        return {**name, "model_max_length": server.block_size, "vocab_size": server.vocab_size}
+        return {**name, "model_max_length": server.block_size, "vocab_size": server.vocab_size,
+                "chat_template": server.settings.chat_template}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):

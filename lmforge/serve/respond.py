@@ -42,6 +42,7 @@ class Generation:
     choices: list[Choice] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     first_token: float | None = None
+    streaming: bool = False  # once a stream has begun, problems end it in-band, not as an HTTP status
 
     def add(self, prompt: list[int], config: GenerationConfig, max_tokens: int, copy: int, echo: str | None,
             logprobs: int | None, echo_logprobs: int | None) -> None:
@@ -90,7 +91,7 @@ class Generation:
                     raise RuntimeError(f"the engine failed: {data}")
                 else:
                     released = []
-                if data == "timeout" and not choice.text.count and choice.echo is None:
+                if data == "timeout" and not choice.text.count and not self.streaming:
                     raise ApiError(503, "the request timed out waiting for the model; retry later",
                                    code="timeout", headers={"Retry-After": "1"})
                 choice.finish = FINISH[data]
@@ -220,15 +221,21 @@ async def collect(gen: Generation, fmt: CompletionFormat, request, model: str) -
 
 
 async def stream(gen: Generation, fmt: CompletionFormat, model: str, include_usage: bool):
-    """Server-sent events as OpenAI sends them: one chunk per choice per step, then [DONE]."""
+    """Server-sent events as OpenAI sends them: one chunk per choice per step, then [DONE]. A
+    failure after the stream began can only be told in-band: an `error` event, then [DONE]."""
     rid, created, started = new_id(isinstance(fmt, ChatFormat)), int(time.time()), set()
     chat = isinstance(fmt, ChatFormat)
-    async for choice, released, done in gen.run():
-        first = choice.index not in started
-        if not (released or done or (first and (chat or choice.echo is not None))):
-            continue
-        started.add(choice.index)
-        yield sse(envelope(fmt, rid, created, model, [fmt.piece(choice, released, first, True)], chunk=True))
-    if include_usage:
-        yield sse({**envelope(fmt, rid, created, model, [], chunk=True), "usage": gen.usage()})
+    gen.streaming = True
+    try:
+        async for choice, released, done in gen.run():
+            first = choice.index not in started
+            if not (released or done or (first and (chat or choice.echo is not None))):
+                continue
+            started.add(choice.index)
+            yield sse(envelope(fmt, rid, created, model, [fmt.piece(choice, released, first, True)], chunk=True))
+    except Exception as exc:  # noqa: BLE001 — the status line is long gone
+        yield sse(ApiError(500, f"generation failed: {exc}").body())
+    else:
+        if include_usage:
+            yield sse({**envelope(fmt, rid, created, model, [], chunk=True), "usage": gen.usage()})
     yield sse("[DONE]")
