@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_same_weights, one_line_error, one_thread, snapshot, token_cache  # noqa: F401
+from test_interop import bart  # noqa: F401  (a tiny converted BartForConditionalGeneration folder)
 
 from lmforge.cli import main
 from lmforge.config import ModelConfig
@@ -403,3 +404,17 @@ def test_span_objective_pretrains_an_encoder_decoder(tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["objective"] == "span"
     train = read_metrics(tmp_path / "run", "train")
     assert train[-1]["loss"] < train[0]["loss"] and ENGLISH
+
+
+def test_a_converted_bart_folder_fine_tunes_for_summaries(bart, tmp_path, capsys):  # noqa: F811
+    from test_interop import TEXTS
+
+    _, folder = bart
+    write_jsonl_pairs(tmp_path / "pairs.jsonl", [(text[:200], text[:30]) for text in TEXTS] * 4)
+    code, out, err = run_cli(capsys, "finetune", "--task", "summarize", "--model", folder, "--data",
+                             tmp_path / "pairs.jsonl", "--max-steps", "3", "--eval-every", "3", "--batch-size", "4",
+                             "--val-decode", "2", "--no-progress", "--no-bf16", "--out", tmp_path / "tuned")
+    assert code == 0, err
+    assert json.loads((tmp_path / "tuned" / "task.json").read_text())["task"] == "summarize"
+    code, out, err = run_cli(capsys, "summarize", tmp_path / "tuned", "--text", TEXTS[0][:200], "--beam", "2")
+    assert code == 0 and len(out.splitlines()) == 1, err

@@ -169,9 +169,10 @@ class Sides:
         return [self._frame(self.target, ids) for ids in self.target.encode_batch(list(texts))]
 
     def decode(self, ids: list[int]) -> str:
-        """A target's text; ids that are not target tokens (a source token the model emitted) are dropped."""
+        """A target's text, on one line (output is one line per input); ids that are not target
+        tokens (a source token the model emitted) are dropped."""
         limit = self.target.vocab_size
-        return self.target.decode([i for i in ids if i < limit]).strip()
+        return " ".join(self.target.decode([i for i in ids if i < limit]).splitlines()).strip()
 
 
 # ---------------------------------------------------------------------------- examples
