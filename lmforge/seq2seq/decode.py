@@ -73,7 +73,7 @@ def greedy(model, sources: list[list[int]], max_lens: list[int], eos_id: int, pa
     lengths = torch.tensor(max_lens, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     scores = torch.zeros(batch, dtype=torch.float64, device=device)
-    outputs: list[list[int]] = [[] for _ in sources]
+    steps = []
     for step in range(limit):
         logits = model(None, mask, decoder_input_ids=tokens[:, None], cache=cache, encoder_output=memory,
                        last_only=True).logits[:, -1].float()
@@ -83,12 +83,12 @@ def greedy(model, sources: list[list[int]], max_lens: list[int], eos_id: int, pa
         best = logprobs.max(-1)
         tokens = torch.where(step + 1 >= lengths, torch.full_like(best.indices, eos_id), best.indices)
         scores += torch.where(done, 0.0, best.values.double())
-        for row in (~done).nonzero().flatten().tolist():
-            if tokens[row] != eos_id:
-                outputs[row].append(int(tokens[row]))
+        steps.append(tokens.masked_fill(done, eos_id))
         done |= tokens == eos_id
         if bool(done.all()):
             break
+    rows = torch.stack(steps, 1).tolist()
+    outputs = [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
     return [(ids, float(score)) for ids, score in zip(outputs, scores.tolist(), strict=True)]
 
 
