@@ -123,3 +123,16 @@ def _one_row_copy(model, prompt):
     cache = model.new_cache(1, len(prompt))
     model(torch.tensor([prompt]), cache=cache)
     return cache
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_prompts_prefilled_together_give_their_own_logits(position):
+    """Same-length prompts arriving together share one prefill; printed: the largest difference."""
+    model = _random_model(position)
+    prompts = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [3, 3, 3, 3, 3, 3]])
+    with torch.no_grad():
+        together = model(prompts, cache=model.new_cache(3, 6)).logits
+        alone = torch.cat([model(p[None], cache=model.new_cache(1, 6)).logits for p in prompts])
+    worst = float((together - alone).abs().max())
+    print(f"{position}: largest logit difference prefilled together vs alone {worst:.2e}")
+    assert worst < 1e-4

@@ -1,16 +1,17 @@
 """The serving engine: continuous batching over one model in one background thread.
 
-Requests wait in a bounded queue; each loop of the engine admits some of them (prefilling each
-alone, exactly as `generate` prefills one prompt), then runs ONE decoding step for every running
-request together, then drops the ones that finished. So requests join and leave the batch at
-every step. Between two steps the running requests wait for at most `prefill_budget` prompt
-tokens of prefill (or one prompt, if it is longer): a burst of arrivals is admitted over several
-steps instead of stalling every running stream at once.
+Requests wait in a bounded queue; each loop of the engine admits some of them (prefilling them
+as `generate` prefills a prompt, without padding: those of one length in one pass), then runs ONE
+decoding step for every running request together, then drops the ones that finished. So
+requests join and leave the batch at every step. Between two steps the running requests wait
+for at most `prefill_budget` prompt tokens of prefill (or one prompt, if it is longer): a burst
+of arrivals is admitted over several steps instead of stalling every running stream at once.
 
 Each running request owns a row of a SlotCache. Tokens are picked by `generate.pick_next` with
 the request's own settings and random generator, so a greedy request gives the tokens `lmforge
-generate` gives for the same prompt; the batched step differs from generate's one-row step only
-by the order of floating-point sums in the batched kernels (tests/test_serve_engine.py measures it).
+generate` gives for the same prompt; batched prefills and steps differ from generate's one-row
+ones only by the order of floating-point sums in the batched kernels (tests/test_serve_engine.py
+measures it).
 
 Results go back through each job's `deliver` callback, called from the engine thread with
 ("prompt", scores), ("token", (id, logprob, top)) and finally ("end", reason), reason one of
@@ -145,8 +146,7 @@ class Engine:
                         self.stopped = True
                         return
                     admitted = self._admit()
-                for job in admitted:
-                    self._start(job)
+                self._start_all(admitted)
                 self._drop_finished()
                 if self.running:
                     try:
@@ -169,29 +169,40 @@ class Engine:
             admitted.append(self.queue.popleft())
         return admitted
 
-    def _start(self, job: Job) -> None:
-        """Prefill the prompt alone (batch 1, no mask: `generate`'s numbers), pick the first token."""
-        try:
-            ids = torch.tensor([job.prompt], dtype=torch.long)
-            cache = self.model.new_cache(1, len(job.prompt))
-            echo = job.echo_logprobs is not None
-            logits = self.model(ids, cache=cache, last_only=not echo).logits[0]
-            self.prompt_tokens += len(job.prompt)
-            if echo:
-                job.deliver(("prompt", _prompt_scores(logits, job.prompt, job.echo_logprobs)))
-            if job.max_new == 0:
-                job.deliver(("end", "length"))
-                return
-            if job.config.seed is not None:
-                job.generator = torch.Generator().manual_seed(job.config.seed)
-            if job.config.repetition_penalty != 1.0:
-                job.seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool)
-                job.seen[0, job.prompt] = True
-            self.slots.add(cache)
-            self.running.append(job)
-            self._advance(job, logits[-1:], argmax=None)
-        except Exception as exc:  # noqa: BLE001 — one bad job must not stop the engine
-            job.deliver(("end", f"error: {exc}"))
+    def _start_all(self, admitted: list[Job]) -> None:
+        """Prompts of one length prefill together: one forward pass, no padding (a prompt to
+        score, echo, prefills alone: it needs every position's logits)."""
+        groups: dict[int, list[Job]] = {}
+        for job in admitted:
+            groups.setdefault(-id(job) if job.echo_logprobs is not None else len(job.prompt), []).append(job)
+        for jobs in groups.values():
+            try:
+                ids = torch.tensor([job.prompt for job in jobs], dtype=torch.long)
+                cache = self.model.new_cache(len(jobs), ids.shape[1])
+                logits = self.model(ids, cache=cache, last_only=jobs[0].echo_logprobs is None).logits
+            except Exception as exc:  # noqa: BLE001 — bad jobs must not stop the engine
+                for job in jobs:
+                    job.deliver(("end", f"error: {exc}"))
+                continue
+            self.prompt_tokens += ids.numel()
+            for row, job in enumerate(jobs):
+                self._start(job, logits[row], cache, row)
+
+    def _start(self, job: Job, logits: torch.Tensor, cache, row: int) -> None:
+        """Take a prefilled job into a slot and pick its first token."""
+        if job.echo_logprobs is not None:
+            job.deliver(("prompt", _prompt_scores(logits, job.prompt, job.echo_logprobs)))
+        if job.max_new == 0:
+            job.deliver(("end", "length"))
+            return
+        if job.config.seed is not None:
+            job.generator = torch.Generator().manual_seed(job.config.seed)
+        if job.config.repetition_penalty != 1.0:
+            job.seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool)
+            job.seen[0, job.prompt] = True
+        self.slots.add(cache, row)
+        self.running.append(job)
+        self._advance(job, logits[-1:], argmax=None)
 
     def _step(self) -> None:
         self.slots.make_room()

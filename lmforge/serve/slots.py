@@ -58,16 +58,16 @@ class SlotCache:
         starts = torch.tensor(self.starts)[:, None]
         return (torch.arange(self.length + 1)[None, :] >= starts).long()
 
-    def add(self, prefill: KVCache) -> int:
-        """Copy a one-row prefill cache into a new row ending at `length`; return the row."""
+    def add(self, prefill: KVCache, source: int = 0) -> int:
+        """Copy row `source` of a prefill cache into a new row ending at `length`; return the row."""
         used = prefill.length
         if used > self.length:  # a longer prompt than the time axis so far: move every row right
             self._shift(used - self.length)
         row = self.rows
         begin = self.length - used
         for i, layer in enumerate(prefill.layers):
-            self.keys[i][row, :, begin : self.length] = layer.keys[0, :, :used]
-            self.values[i][row, :, begin : self.length] = layer.values[0, :, :used]
+            self.keys[i][row, :, begin : self.length] = layer.keys[source, :, :used]
+            self.values[i][row, :, begin : self.length] = layer.values[source, :, :used]
         self.starts.append(begin)
         return row
 
