@@ -41,7 +41,8 @@ DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SHAPE = dict(n_layer=8, n_head=8, n_embd=512, block_size=512)
 
 
-def build_folder(folder: Path) -> None:
+def build_folder(folder: Path) -> int:
+    """Write the served model folder; return its parameter count."""
     from lmforge.config import ModelConfig
     from lmforge.model import build_model
     from lmforge.model_folder import save_model
@@ -52,6 +53,7 @@ def build_folder(folder: Path) -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=tokenizer.vocab_size, **SHAPE)).eval()
     save_model(model, folder, tokenizer)
+    return model.num_parameters()
 
 
 def start_server(folder: Path, port: int, max_batch: int, max_tokens: int) -> subprocess.Popen:
@@ -173,7 +175,7 @@ def benchmark(args) -> dict:
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "served-model"
-        build_folder(folder)
+        out["parameters"] = build_folder(folder)
         for label, batch in (("batched", args.max_batch), ("one_at_a_time", 1)):
             server = start_server(folder, args.port, batch, args.max_tokens)
             try:
