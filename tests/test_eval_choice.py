@@ -34,14 +34,31 @@ def by_hand(model, tokenizer, context: str, continuation: str) -> float:
     return float(sum(logprobs[t - 1, ids[t]] for t in range(split, len(ids))))
 
 
-def test_scores_equal_a_hand_computation(setup, tmp_path):
+@pytest.mark.parametrize("batch_size", [1, 3, 16])  # 16: contexts of different lengths share a batch
+def test_scores_equal_a_hand_computation(setup, tmp_path, batch_size):
     model, tokenizer, _ = setup
     examples = read_choices(write_jsonl(tmp_path / "mc.jsonl", CHOICES))
-    scores = choice_scores(model, tokenizer, examples, batch_size=3)  # batches mix lengths: padding must not leak
+    scores = choice_scores(model, tokenizer, examples, batch_size=batch_size)  # padding must not leak
     for example, row in zip(examples, scores, strict=True):
         expected = [by_hand(model, tokenizer, example.context, " " + choice) for choice in example.choices]
         assert row == pytest.approx(expected, abs=1e-4)
     assert character_lengths(examples)[1] == [11.0, 8.0]
+
+
+def test_a_pair_longer_than_the_window_keeps_its_end(setup):
+    model, tokenizer, _ = setup
+    context = "The quick brown fox jumps over the lazy dog. " * 12
+    ids = tokenizer.encode(context + " sleeps")
+    split = len(tokenizer.encode(context.rstrip(" ")))
+    assert len(ids) > model.config.block_size + 1
+    kept = ids[-(model.config.block_size + 1):]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([kept[:-1]])).logits[0].double(), dim=-1)
+    n = len(ids) - split
+    expected = float(sum(logprobs[t, kept[t + 1]] for t in range(len(kept) - 1 - n, len(kept) - 1)))
+    (score, _), (short, _) = loglikelihoods(model, tokenizer, [(context, " sleeps"), ("The dog", " sleeps")])
+    assert score == pytest.approx(expected, abs=1e-4)
+    assert short == pytest.approx(by_hand(model, tokenizer, "The dog", " sleeps"), abs=1e-4)
 
 
 def test_trailing_space_moves_to_the_continuation(setup):

@@ -75,30 +75,105 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16,
                    progress=None) -> list[tuple[float, bool]]:
-    """(log P(continuation | context), whether it is the greedy continuation) for each pair."""
+    """(log P(continuation | context), whether it is the greedy continuation) for each pair.
+
+    Pairs that share a context (the choices of one question) read it once: the context runs
+    first, its keys and values are cached and copied to each continuation (shared_context), which
+    is most of the work saved when contexts are long. Pairs that must be cut to fit the window
+    are scored whole, row by row (score_rows)."""
     window = model.config.block_size
-    rows = []
-    for context, continuation in pairs:
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    rows, row_of = [], []
+    for index, (context, continuation) in enumerate(pairs):
         context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
         if not continuation_ids:
             raise LmforgeError(f"the continuation {continuation!r} has no tokens")
-        ids = (context_ids + continuation_ids)[-(window + 1):]  # the harness keeps the end too
-        rows.append((ids[:-1], ids[-len(continuation_ids):]))
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    return score_rows(model, rows, batch_size, pad, progress)
+        if len(context_ids) + len(continuation_ids) - 1 <= window:
+            groups.setdefault(tuple(context_ids), []).append((index, continuation_ids))
+        else:  # the harness keeps the end of what does not fit
+            ids = (context_ids + continuation_ids)[-(window + 1):]
+            rows.append((ids[:-1], ids[-len(continuation_ids):]))
+            row_of.append(index)
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    for index, found in zip(row_of, score_rows(model, rows, batch_size, pad, progress), strict=True):
+        results[index] = found
+    for index, found in shared_context(model, groups, batch_size, pad, progress):
+        results[index] = found
+    return results
+
+
+@torch.no_grad()
+def shared_context(model, groups: dict, batch_size: int, pad: int, progress=None):
+    """Yield (pair index, (log-likelihood, greedy)) for groups {context ids: [(index, continuation
+    ids)]}: contexts left-padded in one batch, cached, the cache rows repeated per continuation,
+    continuations right-padded after them; the head sees only the scored positions."""
+    if model.config.arch != "decoder":
+        raise LmforgeError(f"log-likelihood scoring needs a decoder; this model is a {model.config.arch}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(groups, key=len, reverse=True)
+    start = 0
+    while start < len(order):
+        taken, rows = [], 0
+        while start < len(order) and (not taken or rows + len(groups[order[start]]) <= batch_size):
+            taken.append(order[start])
+            rows += len(groups[order[start]])
+            start += 1
+        yield from _score_groups(model, [(list(c), groups[c]) for c in taken], pad, device)
+        if progress is not None:
+            progress(rows)
+    model.train(was_training)
+
+
+def _score_groups(model, taken: list, pad: int, device):
+    width = len(taken[0][0])  # the longest context: taken in order of length
+    longest = max(len(ids) for _, members in taken for _, ids in members)
+    ctx = torch.full((len(taken), width), pad, dtype=torch.long)
+    ctx_mask = torch.zeros((len(taken), width), dtype=torch.long)
+    for g, (context, _) in enumerate(taken):
+        ctx[g, width - len(context):], ctx_mask[g, width - len(context):] = torch.tensor(context), 1
+    padded = not bool(ctx_mask.all())
+    cache = model.new_cache(len(taken), width + longest - 1)
+    last = model.decode(ctx.to(device), ctx_mask.to(device) if padded else None, cache=cache)[:, -1]
+    owners = [g for g, (_, members) in enumerate(taken) for _ in members]
+    members = [m for _, group in taken for m in group]
+    first = torch.log_softmax(model.head(last).float(), dim=-1)[owners]  # each continuation's first token
+    rest = None
+    if longest > 1:
+        cache.reorder(torch.tensor(owners, device=device))
+        inputs = torch.full((len(members), longest - 1), pad, dtype=torch.long)
+        for r, (_, ids) in enumerate(members):
+            inputs[r, :len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
+        mask = None
+        if padded:  # right padding of the continuations sits after every scored position: only keys of the context
+            mask = torch.cat([ctx_mask[owners], torch.ones_like(inputs)], dim=1).to(device)
+        rest = model.decode(inputs.to(device), mask, cache=cache)
+    for r, (index, ids) in enumerate(members):
+        wanted = torch.tensor(ids, device=device)
+        logprobs = first[r:r + 1]
+        if len(ids) > 1:
+            logprobs = torch.cat([logprobs, torch.log_softmax(model.head(rest[r, :len(ids) - 1]).float(), dim=-1)])
+        total = float(logprobs.gather(-1, wanted[:, None]).sum())
+        yield index, (total, bool((logprobs.argmax(-1) == wanted).all()))
 
 
 @torch.no_grad()
 def score_rows(model, rows: list[tuple[list[int], list[int]]], batch_size: int, pad: int,
-               progress=None) -> list[tuple[float, bool]]:
+               progress=None, greedy: bool = True) -> list[tuple[float, bool]]:
     """For rows of (input ids, targets), the targets being the tokens after the last len(targets)
     positions: their summed log-probability, and whether each is the argmax.
 
     Rows are right-padded with no attention mask: padding sits after every scored position, so it
     changes nothing, and plain causal attention keeps its fused kernel. Only the scored positions
     go through the head, which is most of the cost at a large vocabulary. The longest rows go
-    first, so a too-long batch fails at once, and similar lengths share a batch.
+    first, so a too-long batch fails at once, and similar lengths share a batch. Without `greedy`
+    (the flag is then False) the head runs in chunks that never hold a row's logits
+    (heads.vocabulary_loss): what rolling perplexity over long windows wants.
     """
+    from lmforge.model.heads import vocabulary_loss
+
     if model.config.arch != "decoder":
         raise LmforgeError(f"log-likelihood scoring needs a decoder; this model is a {model.config.arch}")
     was_training = model.training
@@ -116,6 +191,10 @@ def score_rows(model, rows: list[tuple[list[int], list[int]]], batch_size: int, 
         for r, index in enumerate(chunk):
             inp, targets = rows[index]
             scored = hidden[r, len(inp) - len(targets):len(inp)]
+            if not greedy:
+                labels = torch.tensor(targets, device=device)[None]
+                results[index] = (-float(vocabulary_loss(model.head, scored[None], labels)) * len(targets), False)
+                continue
             logprobs = torch.log_softmax(model.head(scored).float(), dim=-1)
             wanted = torch.tensor(targets, device=device)
             total = float(logprobs.gather(-1, wanted[:, None]).sum())

@@ -58,7 +58,8 @@ class LmforgeLM(LM):
                 owners.append(number)
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         totals = [0.0] * len(requests)
-        for owner, (score, _) in zip(owners, score_rows(self.model, rows, self.batch_size, pad), strict=True):
+        scores = score_rows(self.model, rows, self.batch_size, pad, greedy=False)
+        for owner, (score, _) in zip(owners, scores, strict=True):
             totals[owner] += score
         return totals
 
