@@ -127,3 +127,18 @@ def test_tiny_model_is_deterministic():
     tokenizer = bpe_tokenizer()
     a, b = tiny_model(tokenizer), tiny_model(tokenizer)
     assert torch.equal(a.token_embedding.weight, b.token_embedding.weight)
+
+
+def test_prompting_a_classifier_is_refused(tmp_path, capsys):
+    from lmforge.config import ModelConfig
+    from lmforge.model.classifier import build_model
+    from lmforge.model_folder import save_model
+
+    tokenizer = bpe_tokenizer()
+    config = ModelConfig.from_dict({**tiny_model(tokenizer).config.to_dict(), "n_labels": 2})
+    save_model(build_model(config), tmp_path / "cls", tokenizer)
+    data, _ = sentiment_rows(tmp_path)
+    assert main(["eval", str(tmp_path / "cls"), "--data", str(data), "--template", "{sentence}",
+                 "--verbalizer", "0=bad,1=good"]) == 2
+    assert "log-likelihood scoring needs a language model; this folder is fine-tuned for a task" in \
+        capsys.readouterr().err

@@ -73,6 +73,15 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return context_ids, whole[len(context_ids):]
 
 
+def require_language_model(model) -> None:
+    """Log-likelihoods need a decoder with its next-token head (not a classifier's or a span head)."""
+    if model.config.arch != "decoder":
+        raise LmforgeError(f"log-likelihood scoring needs a decoder; this model is a {model.config.arch}")
+    if model.config.n_labels or model.config.span_head:
+        raise LmforgeError("log-likelihood scoring needs a language model; this folder is fine-tuned for a task "
+                           "(its head predicts labels or answer spans, not tokens)")
+
+
 def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16,
                    progress=None) -> list[tuple[float, bool]]:
     """(log P(continuation | context), whether it is the greedy continuation) for each pair.
@@ -108,8 +117,7 @@ def shared_context(model, groups: dict, batch_size: int, pad: int, progress=None
     """Yield (pair index, (log-likelihood, greedy)) for groups {context ids: [(index, continuation
     ids)]}: contexts left-padded in one batch, cached, the cache rows repeated per continuation,
     continuations right-padded after them; the head sees only the scored positions."""
-    if model.config.arch != "decoder":
-        raise LmforgeError(f"log-likelihood scoring needs a decoder; this model is a {model.config.arch}")
+    require_language_model(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -174,8 +182,7 @@ def score_rows(model, rows: list[tuple[list[int], list[int]]], batch_size: int, 
     """
     from lmforge.model.heads import vocabulary_loss
 
-    if model.config.arch != "decoder":
-        raise LmforgeError(f"log-likelihood scoring needs a decoder; this model is a {model.config.arch}")
+    require_language_model(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
