@@ -229,3 +229,25 @@ def test_empty_source_is_refused(bart):
     _, model, _ = bart
     with pytest.raises(LmforgeError, match="every source needs at least one token"):
         beam_search(model, [[5, 6], []], BeamConfig())
+
+
+def test_decoder_beam_search_matches_transformers(tmp_path):
+    """A decoder's prompts are left-padded as transformers pads them; lengths count the padded prompt."""
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=48, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0, initializer_range=0.5)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path)
+    Tokenizer.train("bpe", TEXTS, vocab_size=VOCAB).save(tmp_path / "tokenizer.json")
+    model, _ = from_hf(tmp_path)
+    rows = sources([7, 3, 5], seed=4)
+    width, pad, eos = 7, 1, 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    settings = dict(num_beams=3, no_repeat_ngram_size=2, length_penalty=0.5, early_stopping=True, max_length=18,
+                    num_return_sequences=2)
+    ref = hf.generate(ids, attention_mask=(torch.arange(width) >= width - torch.tensor([7, 3, 5])[:, None]).long(),
+                      do_sample=False, pad_token_id=pad, return_dict_in_generate=True, output_scores=True, **settings)
+    ours = [h for hyps in beam_search(model, rows, BeamConfig(**settings), eos_token_id=eos, pad_token_id=pad)
+            for h in hyps]
+    assert [as_hf(h, eos, ref.sequences.shape[1] - width, pad) for h in ours] == ref.sequences[:, width:].tolist()
+    torch.testing.assert_close(torch.tensor([h.score for h in ours]), ref.sequences_scores, atol=1e-4, rtol=0)
