@@ -126,17 +126,34 @@ def test_timeout_ends_a_request_with_what_it_has():
 
 
 def test_a_request_that_times_out_in_the_queue_gets_503():
-    """Steps of 0.3 s: the running request holds the one slot past the queued one's deadline."""
-    model, tokenizer = slow_model(0.3)
-    with live_server(model, tokenizer, max_batch=1, timeout=0.4) as (url, server):
+    """The engine is held inside a step (a gate in the model) while the queued request's time runs out."""
+    model, tokenizer = loaded()
+    gated, gate = copy.deepcopy(model), threading.Event()
+    inner = gated.forward
+
+    def forward(*args, **kwargs):
+        assert gate.wait(10)
+        return inner(*args, **kwargs)
+
+    gated.forward = forward
+    gate.set()
+    with live_server(gated, tokenizer, max_batch=1, timeout=0.5) as (url, server):
         running = threading.Thread(target=requests.post, args=(url + "/v1/completions",),
                                    kwargs={"json": {"prompt": "The", "max_tokens": 60}, "timeout": 30})
         running.start()
         assert wait_for(lambda: server.engine.batch_size == 1)
-        queued = requests.post(url + "/v1/completions", json={"prompt": "The", "max_tokens": 5}, timeout=30)
+        gate.clear()  # the running request's next step waits here
+        answers = []
+        queued = threading.Thread(target=lambda: answers.append(requests.post(
+            url + "/v1/completions", json={"prompt": "The", "max_tokens": 5}, timeout=30)))
+        queued.start()
+        assert wait_for(lambda: server.engine.queue_depth == 1)
+        time.sleep(0.7)
+        gate.set()
+        queued.join(30)
         running.join(30)
-    assert queued.status_code == 503 and queued.headers["Retry-After"] == "1"
-    assert queued.json()["error"]["code"] == "timeout"
+    assert answers[0].status_code == 503 and answers[0].headers["Retry-After"] == "1"
+    assert answers[0].json()["error"]["code"] == "timeout"
 
 
 def test_api_keys_and_rate_limit():
