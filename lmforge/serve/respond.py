@@ -9,6 +9,8 @@ text and logprobs are written (`CompletionFormat`, `ChatFormat`), streamed or wh
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import time
 import uuid
@@ -56,9 +58,13 @@ class Generation:
     def submit(self) -> None:
         """Queue every choice's job, or answer 429 (queue full) / 503 (shutting down)."""
         loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def deliver(index: int, event: tuple) -> None:  # called by the engine thread
+            with contextlib.suppress(RuntimeError):  # the event loop is gone: the server has stopped
+                loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
         for choice in self.choices:
-            choice.job.deliver = lambda event, i=choice.index: loop.call_soon_threadsafe(
-                self.queue.put_nowait, (i, event))
+            choice.job.deliver = functools.partial(deliver, choice.index)
         try:
             self.server.engine.submit([c.job for c in self.choices])
         except QueueFull as exc:
