@@ -197,3 +197,29 @@ def test_lm_eval_remote_tokenizer_reads_the_server(served):
     assert remote.eos_token_id == tokenizer.eos_id
     chat = remote.apply_chat_template([{"role": "user", "content": "hi"}])
     assert chat == chat_prompts(trained_model_dir(), tokenizer, ["hi"])[0]
+
+
+def test_a_hugging_face_folder_serves_transformers_greedy_tokens(tmp_path):
+    """A GPT-2 folder as transformers saves it, converted as it loads: the server's greedy
+    continuation is transformers' own `generate`."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.model_folder import load_model
+    from lmforge.tokenize import Tokenizer
+
+    tokenizer = Tokenizer.train("bpe", ["the quick brown fox jumps over the lazy dog. " * 30], vocab_size=300)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=32, n_layer=2,
+                                     n_head=2, eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.eos_id)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    ids = tokenizer.encode("the quick brown")
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                               eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id)[0, len(ids):]
+    model, served_tokenizer = load_model(tmp_path)
+    with live_server(model, served_tokenizer, name="gpt2-tiny") as (url, _):
+        out = requests.post(url + "/v1/completions", json={"model": "gpt2-tiny", "prompt": [ids], "max_tokens": 12,
+                                                           "temperature": 0}, timeout=30).json()
+    assert out["choices"][0]["text"] == tokenizer.decode(expected)
+    assert out["usage"]["completion_tokens"] == len(expected) == 12 and out["choices"][0]["text"]
