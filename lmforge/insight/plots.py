@@ -8,11 +8,11 @@ logs (accuracy, F1, BLEU...).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
+from lmforge.insight import runinfo
 from lmforge.insight.figures import pyplot, save_png
 
 # panel name -> (title, [(split, key, line label)]); a panel no run has is left out
@@ -27,17 +27,9 @@ NOT_PLOTTED = {"step", "split", "tokens", "skipped_total", "elapsed_s", "example
 
 
 def read_records(run_dir) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    if not (Path(run_dir) / "metrics.jsonl").is_file():
         raise LmforgeError(f"{run_dir} has no metrics.jsonl (is it a training run's folder?)")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                raise LmforgeError(f"{path}, line {number}: not JSON") from None
-    return records
+    return runinfo.records(run_dir)
 
 
 def series(records: list[dict], split: str, key: str) -> tuple[list[int], list[float]]:
