@@ -136,3 +136,30 @@ def test_prompts_prefilled_together_give_their_own_logits(position):
     worst = float((together - alone).abs().max())
     print(f"{position}: largest logit difference prefilled together vs alone {worst:.2e}")
     assert worst < 1e-4
+
+
+def test_a_burst_of_prompts_is_admitted_within_the_prefill_budget():
+    """Ten 20-token prompts arrive at once; with 50 prompt tokens of prefill allowed between two
+    steps, two start per step, so the running requests are never held up by all ten."""
+    model, tokenizer = loaded()
+    engine = Engine(model, None, max_batch=10, max_queue=10, prefill_budget=50)
+    first_step: list[int] = []  # engine.steps when each job got its first token
+    done = threading.Semaphore(0)
+
+    def receive(job):
+        def deliver(event):
+            if event[0] == "token" and job.generated == 1:
+                first_step.append(engine.steps)
+            elif event[0] == "end":
+                done.release()
+        return deliver
+
+    jobs = [Job(tokenizer.encode("The quick brown fox " * 2)[:20], GenerationConfig(max_new_tokens=5, temperature=0),
+                5, None) for _ in range(10)]
+    for job in jobs:
+        job.deliver = receive(job)
+    engine.start().submit(jobs)
+    for _ in jobs:
+        assert done.acquire(timeout=60)
+    engine.stop()
+    assert sorted(first_step) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
