@@ -25,8 +25,16 @@ SPECIALS = {"eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
 SPIECE_SPACE = "\u2581"
 
 
-def is_spm_folder(folder: Path) -> bool:
-    return folder.is_dir() and (folder / "source.spm").is_file() and not (folder / "tokenizer.json").is_file()
+MARKER = "lmforge_sentencepiece"  # the key of the tokenizer.json that stands for these files in a model folder
+
+
+def is_marker(path: Path) -> bool:
+    """Whether a tokenizer.json is the stand-in `save` writes (small: only its start is read)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(64).lstrip().startswith(f'{{"{MARKER}"')
+    except (OSError, UnicodeDecodeError):
+        return False  # Tokenizer.load reports the file
 
 
 class SentencePieceTokenizer:
@@ -140,8 +148,15 @@ class SentencePieceTokenizer:
     # ------------------------------------------------------------------ files
 
     def save(self, path: str | Path) -> None:
-        """Copy the files into the folder of `path` (the tokenizer.json another tokenizer would write)."""
-        folder = Path(path).parent
+        """Copy the files into the folder of `path`, and write at `path` (where another tokenizer
+        writes its tokenizer.json) a stand-in that `Tokenizer.load` follows back to them."""
+        names = self.save_hf(Path(path).parent)
+        atomic_write_text(Path(path), json.dumps({MARKER: names}) + "\n")
+
+    def save_hf(self, folder: str | Path) -> list[str]:
+        """The files transformers' MarianTokenizer reads, in `folder` (no tokenizer.json: transformers
+        would take it for a fast tokenizer's)."""
+        folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         names = [*FILES, *(["target_vocab.json"] if self.separate else [])]
         for name in names:
@@ -149,6 +164,7 @@ class SentencePieceTokenizer:
                 atomic_copy(self.folder / name, folder / name)
         atomic_write_text(folder / "tokenizer_config.json", json.dumps(self.hf_tokenizer_config(), indent=2) + "\n")
         self.folder = folder
+        return names
 
     def hf_tokenizer_config(self) -> dict:
         return {**self.options, "tokenizer_class": "MarianTokenizer", "separate_vocabs": self.separate,

@@ -134,8 +134,16 @@ class Tokenizer:
                 from lmforge.spm import SentencePieceTokenizer
 
                 return SentencePieceTokenizer.load(path)
+            elif (path / "source.spm").is_file():  # Marian: SentencePiece source.spm/target.spm + vocab.json
+                from lmforge.spm import SentencePieceTokenizer
+
+                return SentencePieceTokenizer.load(path)
             else:
                 raise LmforgeError(f"no tokenizer.json (nor vocab.json + merges.txt) in {path}")
+        from lmforge.spm import SentencePieceTokenizer, is_marker
+
+        if is_marker(path):  # a model folder's stand-in for Marian's SentencePiece files beside it
+            return SentencePieceTokenizer.load(path.parent)
         try:
             return cls(tokenizers.Tokenizer.from_file(str(path)))
         except Exception as exc:  # the Rust side raises plain Exception for any parse error

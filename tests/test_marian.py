@@ -176,3 +176,21 @@ def test_untied_marian_head_is_refused_by_name(marian, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
     with pytest.raises(LmforgeError, match="marian config: tie_word_embeddings=False is not supported"):
         from_hf(tmp_path)
+
+
+def test_marian_converts_to_an_lmforge_folder_that_translates_alike(marian, tmp_path):
+    """convert --from-hf keeps the SentencePiece files beside the weights; the folder loads back
+    with the same tokenizer and decodes the same beams."""
+    from lmforge.beam import BeamConfig, beam_search_texts
+    from lmforge.model_folder import convert_from_hf, load_model
+
+    _, folder = marian
+    convert_from_hf(folder, tmp_path / "lmf")
+    model, tokenizer = from_hf(folder)
+    again, tokenizer_again = load_model(tmp_path / "lmf")
+    assert isinstance(tokenizer_again, SentencePieceTokenizer)
+    texts = ["the cat sits in the park", "a dog"]
+    assert tokenizer_again.encode_batch(texts) == tokenizer.encode_batch(texts)
+    config = BeamConfig(num_beams=3, num_return_sequences=2, max_length=12, suppress_tokens=(tokenizer.pad_id,))
+    found = beam_search_texts(again, tokenizer_again, texts, config)
+    assert found == beam_search_texts(model, tokenizer, texts, config)

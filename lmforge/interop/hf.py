@@ -220,6 +220,8 @@ def to_hf(model, tokenizer: Tokenizer | None, out_dir: str | Path, task: dict | 
     family = EXPORT_FAMILY[config.arch]
     if config.arch == "encoder-decoder" and config.position == "sinusoidal":
         family = marian.FAMILY  # BART's positions are learned, Marian's sinusoidal
+    if config.arch == "encoder-decoder" and config.position == "sinusoidal":
+        family = marian.FAMILY  # BART's positions are learned, Marian's sinusoidal
     hf_config = {"model_type": family.model_type, **family.config_to_hf(config), "dtype": "float32"}
     token_ids = {name: getattr(config, name) for name in TOKEN_FIELDS}
     if config.arch == "encoder-decoder":  # lmforge falls back to bos, then eos; transformers needs it spelled out
@@ -246,9 +248,10 @@ def to_hf(model, tokenizer: Tokenizer | None, out_dir: str | Path, task: dict | 
     if family.generative:
         generation = {k: v for k, v in token_ids.items() if v is not None}
         atomic_write_text(out / "generation_config.json", json.dumps(generation, indent=2, sort_keys=True) + "\n")
-    if tokenizer is not None:
+    if tokenizer is not None and hasattr(tokenizer, "save_hf"):  # SentencePiece (Marian): its own files and class
+        tokenizer.save_hf(out)
+    elif tokenizer is not None:
         tokenizer.save(out / "tokenizer.json")
-        own = getattr(tokenizer, "hf_tokenizer_config", None)  # SentencePiece (Marian) names its own class
-        tokenizer_config = own() if own is not None else _tokenizer_config(tokenizer, config)
+        tokenizer_config = _tokenizer_config(tokenizer, config)
         atomic_write_text(out / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
     return out
