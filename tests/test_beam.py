@@ -251,3 +251,23 @@ def test_decoder_beam_search_matches_transformers(tmp_path):
             for h in hyps]
     assert [as_hf(h, eos, ref.sequences.shape[1] - width, pad) for h in ours] == ref.sequences[:, width:].tolist()
     torch.testing.assert_close(torch.tensor([h.score for h in ours]), ref.sequences_scores, atol=1e-4, rtol=0)
+
+
+def test_lstm_baseline_decodes_through_the_same_search():
+    """Any model of the encoder-decoder protocol: the LSTM's cache has no shared cross-attention,
+    so its encoder output is repeated per beam; a batch decodes as its sources do one by one."""
+    from lmforge.config import ModelConfig
+    from lmforge.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="lstm", vocab_size=50, n_embd=32, n_layer=1, block_size=64,
+                                    eos_token_id=EOS, pad_token_id=PAD, bos_token_id=BOS, init_std=0.5)).eval()
+    rows = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    config = BeamConfig(num_beams=3, num_return_sequences=2, max_length=12, early_stopping=True,
+                        suppress_tokens=(PAD,))
+    batch = beam_search(model, rows, config)
+    assert type(model).__name__ == "LSTMSeq2Seq"
+    for row, hyps in zip(rows, batch, strict=True):
+        (alone,) = beam_search(model, [row], config)
+        assert [h.tokens for h in alone] == [h.tokens for h in hyps] and PAD not in hyps[0].tokens
+        assert [h.score for h in alone] == pytest.approx([h.score for h in hyps], abs=1e-5)
