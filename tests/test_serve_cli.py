@@ -29,6 +29,7 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     (["--max-batch", "0"], "lmforge serve: error: --max-batch must be at least 1"),
     (["--max-queue", "-1"], "lmforge serve: error: --max-queue must be 0 or more"),
     (["--timeout", "0"], "lmforge serve: error: --timeout must be positive"),
+    (["--threads", "0"], "lmforge serve: error: --threads must be at least 1"),
     (["--max-tokens", "0"], "lmforge serve: error: --max-tokens must be at least 1; got 0"),
     (["--rate-limit", "0"], "lmforge serve: error: --rate-limit must be at least 1 request per minute; got 0"),
 ])

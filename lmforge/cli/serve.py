@@ -24,6 +24,8 @@ def register(verbs, parser_class) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take in all (default 300)")
     p.add_argument("--blocklist", help="file of blocked words (and re:REGEX lines) masked in the output")
     p.add_argument("--int8", action="store_true", help="int8 weights, as generate --int8")
+    p.add_argument("--threads", type=int, help="torch threads for the model (default: torch's, one per core); "
+                                               "replicas sharing a machine should split its cores")
     p.set_defaults(func=cmd_serve)
 
 
@@ -45,6 +47,12 @@ def build_app(args):
         raise LmforgeError("--max-prompt-tokens must be at least 1")
     if args.timeout <= 0:
         raise LmforgeError("--timeout must be positive")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LmforgeError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     keys = list(args.api_key or []) + [k for k in os.environ.get("LMFORGE_API_KEYS", "").split(",") if k]
     output_filter = OutputFilter.from_file(args.blocklist) if args.blocklist else OutputFilter()
     model, tokenizer = load_model(args.model_dir)
