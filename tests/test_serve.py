@@ -223,3 +223,23 @@ def test_a_hugging_face_folder_serves_transformers_greedy_tokens(tmp_path):
                                                            "temperature": 0}, timeout=30).json()
     assert out["choices"][0]["text"] == tokenizer.decode(expected)
     assert out["usage"]["completion_tokens"] == len(expected) == 12 and out["choices"][0]["text"]
+
+
+def test_lm_eval_local_completions_scores_what_the_model_scores(served):
+    """lm-evaluation-harness's own client (local-completions, remote tokenizer) against the
+    server: its log-likelihoods are the model's, computed here directly."""
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
+    api = pytest.importorskip("lm_eval.models.openai_completions")
+    from lm_eval.api.instance import Instance
+
+    lm = api.LocalCompletionsAPI(base_url=served[0] + "/v1/completions", model="tiny", tokenizer_backend="remote",
+                                 num_concurrent=2, max_retries=1, max_length=64)
+    pairs = [("The quick brown", " fox"), ("A stitch in time", " saves nine"), ("All that", " is gold")]
+    results = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                               disable_tqdm=True)
+    model, tokenizer = loaded()
+    for (context, continuation), (score, greedy) in zip(pairs, results, strict=True):
+        ids, start = tokenizer.encode(context + continuation), len(tokenizer.encode(context))
+        scores = _model_logprobs(ids)
+        assert score == pytest.approx(sum(float(scores[t - 1, ids[t]]) for t in range(start, len(ids))), abs=1e-4)
+        assert greedy == all(int(scores[t - 1].argmax()) == ids[t] for t in range(start, len(ids)))
