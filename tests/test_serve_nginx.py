@@ -1,14 +1,13 @@
 """docs/serving.md's nginx configuration, run as written: two `lmforge serve` replicas on
 loopback behind nginx. Both replicas take requests, streams pass through unbuffered, and a
-replica going down leaves the service answering. Skipped (with the reason) without nginx
-(Debian: apt-get install nginx-light)."""
+replica going down leaves the service answering. scripts/ensure_nginx.sh finds nginx, or installs
+Debian's nginx-light when it can; the test is skipped, with the script's reason, only without it."""
 
 from __future__ import annotations
 
 import copy
 import os
 import re
-import shutil
 import subprocess
 import time
 from contextlib import ExitStack
@@ -20,6 +19,7 @@ from helpers import one_thread, token_cache  # noqa: F401  (fixtures are registe
 from test_serve_support import free_port, greedy_reference, live_server, loaded
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
+ENSURE = Path(__file__).resolve().parents[1] / "scripts" / "ensure_nginx.sh"
 
 
 def documented_config() -> str:
@@ -45,9 +45,10 @@ def nginx_conf(folder: Path, replica_ports: list[int], port: int) -> Path:
 
 
 def test_two_replicas_behind_the_documented_nginx(tmp_path):
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if nginx is None:
-        pytest.skip("nginx is not installed (Debian: apt-get install nginx-light)")
+    found = subprocess.run(["sh", str(ENSURE)], capture_output=True, text=True, timeout=900)
+    if found.returncode != 0 or not found.stdout.strip():
+        pytest.skip(found.stderr.strip() or "no nginx")
+    nginx = found.stdout.strip().splitlines()[-1]
     model, tokenizer = loaded()
     with ExitStack() as stack:
         replicas = [stack.enter_context(live_server(copy.deepcopy(model), tokenizer)) for _ in range(2)]
