@@ -243,3 +243,17 @@ def test_lm_eval_local_completions_scores_what_the_model_scores(served):
         scores = _model_logprobs(ids)
         assert score == pytest.approx(sum(float(scores[t - 1, ids[t]]) for t in range(start, len(ids))), abs=1e-4)
         assert greedy == all(int(scores[t - 1].argmax()) == ids[t] for t in range(start, len(ids)))
+
+
+def test_server_greedy_equals_the_generate_command(client, capsys):
+    """The same as `lmforge generate MODEL --temperature 0 --max-new-tokens 24 --json`, run here."""
+    from lmforge.cli import main
+
+    prompts = ["The quick", "A stitch in time", "sun"]
+    argv = ["generate", str(trained_model_dir()), "--temperature", "0", "--max-new-tokens", "24", "--json"]
+    for prompt in prompts:
+        assert main([*argv, "--prompt", prompt]) == 0
+    printed = [json.loads(line)["completion"] for line in capsys.readouterr().out.splitlines()]
+    served = [client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0).choices[0].text
+              for p in prompts]
+    assert served == printed
