@@ -105,6 +105,8 @@ class Engine:
         with self.condition:
             if self.draining:
                 raise Draining("the server is shutting down")
+            if not self.thread.is_alive():  # never started, or died: better refused than left hanging
+                raise Draining("the engine is not running")
             if len(self.queue) + len(jobs) > self.max_queue + max(0, self.max_batch - self._busy()):
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
             self.queue.extend(jobs)
