@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.generate import _decoder_start, _left_pad, _right_pad
 
 NEG = -1.0e9  # transformers' "impossible" score: added, not assigned, so the arithmetic matches
 
@@ -69,28 +70,6 @@ class Hypothesis:
     tokens: list[int]  # the new tokens, without the decoder start token and without the final EOS
     score: float  # sum of log-probabilities / len ** length_penalty (len counts the EOS)
     finished: bool = True  # ended with EOS (False: stopped by the length limit)
-
-
-def _right_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = _right_pad([r[::-1] for r in rows], pad, device)
-    return ids.flip(1), mask.flip(1)
-
-
-def decoder_start(config) -> int:
-    for candidate in (config.decoder_start_token_id, config.bos_token_id, config.eos_token_id):
-        if candidate is not None:
-            return candidate
-    raise LmforgeError("encoder-decoder decoding needs decoder_start_token_id, bos or eos in config.json")
 
 
 def ban_repeated_ngrams(log_probs: torch.Tensor, seqs: torch.Tensor, n: int) -> None:
@@ -235,13 +214,62 @@ def _limits(config: BeamConfig, sources: list[list[int]], prefix_len: int, windo
     return torch.tensor(limits)
 
 
-def _next_log_probs(model, tokens, cache, memory=None, memory_mask=None, attention_mask=None) -> torch.Tensor:
-    """(rows, V) float32 log-probabilities of the token after `tokens`, with the rest in `cache`."""
-    if memory is None:
-        out = model(tokens, attention_mask=attention_mask, cache=cache, last_only=True)
-    else:
-        out = model(None, memory_mask, decoder_input_ids=tokens, cache=cache, encoder_output=memory, last_only=True)
-    return out.logits[:, -1].float().log_softmax(-1)
+class _ModelRows:
+    """What the model reads besides the new tokens, kept in step with the search's rows: the
+    cache, the encoder output and its mask (one row per source when the cache shares
+    cross-attention among beams, one per beam otherwise), or a decoder's attention mask."""
+
+    def __init__(self, model, cache, beams: int, memory=None, memory_mask=None, attention=None):
+        self.model, self.cache, self.beams = model, cache, beams
+        self.memory, self.memory_mask, self.attention = memory, memory_mask, attention
+        self.shared = hasattr(cache, "reorder_beams")  # lmforge's Transformer: cross K/V per source
+
+    def log_probs(self, tokens: torch.Tensor, length: int) -> torch.Tensor:
+        """(rows, V) float32 log-probabilities of the token after `tokens` (rows, T), the sequence
+        being `length` tokens long with them; what came before is in the cache."""
+        if self.memory is None:
+            out = self.model(tokens, attention_mask=self.attention[:, :length], cache=self.cache, last_only=True)
+        else:
+            out = self.model(None, self.memory_mask, decoder_input_ids=tokens, cache=self.cache,
+                             encoder_output=self.memory, last_only=True)
+        return out.logits[:, -1].float().log_softmax(-1)
+
+    def expand(self) -> None:
+        """From one row per source (the first step) to one row per beam."""
+        rows = torch.arange(self.cache_rows, device=self.cache_device).repeat_interleave(self.beams)
+        self._reorder(rows)
+        if self.memory is not None and not self.shared:
+            self.memory, self.memory_mask = self.memory[rows], self.memory_mask[rows]
+        if self.attention is not None:
+            self.attention = self.attention[rows]
+
+    def pick(self, rows: torch.Tensor, sources: torch.Tensor | None = None) -> None:
+        """Keep the rows `rows` (the surviving beams); `sources`: the sources still searching,
+        when some have left."""
+        self._reorder(rows, sources)
+        if sources is None:
+            return
+        if self.memory is not None and self.shared:
+            self.memory, self.memory_mask = self.memory[sources], self.memory_mask[sources]
+        elif self.memory is not None:  # one row per beam: keep the surviving sources' beams
+            self.memory = self.memory.unflatten(0, (-1, self.beams))[sources].flatten(0, 1)
+            self.memory_mask = self.memory_mask.unflatten(0, (-1, self.beams))[sources].flatten(0, 1)
+        if self.attention is not None:
+            self.attention = self.attention.unflatten(0, (-1, self.beams))[sources].flatten(0, 1)
+
+    def _reorder(self, rows: torch.Tensor, sources: torch.Tensor | None = None) -> None:
+        if self.shared:
+            self.cache.reorder_beams(rows, sources)
+        else:
+            self.cache.reorder(rows)
+
+    @property
+    def cache_rows(self) -> int:
+        return (self.memory if self.memory is not None else self.attention).shape[0]
+
+    @property
+    def cache_device(self) -> torch.device:
+        return (self.memory if self.memory is not None else self.attention).device
 
 
 @torch.no_grad()
@@ -269,51 +297,34 @@ def beam_search(
     device = next(model.parameters()).device
     B, K = len(source_ids), config.num_beams
     window = mc.block_size if mc.position in ("learned", "sinusoidal", "rope") else None
-    memory = memory_mask = attention = None
     if mc.arch == "decoder":
-        prefix, attention = _left_pad(source_ids, pad, device)
-        full = torch.ones(B, K, config.max_length, dtype=torch.long, device=device)
-        full[:, :, : prefix.shape[1]] = attention[:, None, :]
+        prefix, prompt_mask = (t.to(device) for t in _left_pad(source_ids, pad))
+        limits = _limits(config, source_ids, prefix.shape[1], window).to(device)
+        attention = torch.ones(B, int(limits.max()), dtype=torch.long, device=device)
+        attention[:, : prefix.shape[1]] = prompt_mask  # new tokens are always real
+        rows = _ModelRows(model, model.new_cache(B, int(limits.max())), K, attention=attention)
     else:
-        src, memory_mask = _right_pad(source_ids, pad, device)
-        memory = model.encode(src, memory_mask)
-        start = decoder_start(mc) if decoder_start_token_id is None else decoder_start_token_id
+        src, src_mask = (t.to(device) for t in _right_pad(source_ids, pad))
+        start = _decoder_start(mc) if decoder_start_token_id is None else decoder_start_token_id
         prefix = torch.full((B, 1), start, dtype=torch.long, device=device)
-    limits = _limits(config, source_ids, prefix.shape[1], window).to(device)
+        limits = _limits(config, source_ids, 1, window).to(device)
+        cache = model.new_cache(B, int(limits.max()))
+        rows = _ModelRows(model, cache, K, memory=model.encode(src, src_mask), memory_mask=src_mask)
     search = _Search(config, prefix, limits, eos)
-    cache = model.new_cache(B, int(limits.max()))
-    shared = hasattr(cache, "reorder_beams")  # lmforge's Transformer: cross K/V stay one row per source
-    log_probs = _next_log_probs(model, prefix, cache, memory, memory_mask, attention).repeat_interleave(K, 0)
-    rows, sources = torch.arange(B, device=device).repeat_interleave(K), None  # the first step's beams
-    if memory is not None and not shared:
-        memory, memory_mask = memory[rows], memory_mask[rows]
+    log_probs = rows.log_probs(prefix, prefix.shape[1]).repeat_interleave(K, 0)  # its beams are equal
+    rows.expand()
     while True:
-        if shared:
-            cache.reorder_beams(rows, sources)
-        else:
-            cache.reorder(rows)
-        if sources is not None:
-            memory, memory_mask = memory[sources], memory_mask[sources]
-        if search.cur_len > search.prefix_len:  # (the first step's log-probabilities came with the prefix)
-            tokens = search.seqs[:, :, search.cur_len - 1].reshape(-1, 1)
-            step_mask = None if attention is None else full[:, :, : search.cur_len].flatten(0, 1)
-            log_probs = _next_log_probs(model, tokens, cache, memory, memory_mask, step_mask)
-        rows = search.step(search.process(log_probs))
+        parents = search.step(search.process(log_probs))
         done, sources = search.done(), None
         if bool(done.any()):  # done sources leave the batch
             search.collect(done)
             if bool(done.all()):
                 return search.out
-            keep, n = ~done, search.scores.shape[0]
-            rows = rows.view(n, K)[keep].flatten()
-            search.keep_rows(keep)
-            if attention is not None:
-                full = full[keep]
-            if memory is not None and shared:
-                sources = keep.nonzero().flatten()
-            elif memory is not None:
-                memory = memory.view(n, K, *memory.shape[1:])[keep].flatten(0, 1)
-                memory_mask = memory_mask.view(n, K, -1)[keep].flatten(0, 1)
+            sources = (~done).nonzero().flatten()
+            parents = parents.view(-1, K)[sources].flatten()
+            search.keep_rows(~done)
+        rows.pick(parents, sources)
+        log_probs = rows.log_probs(search.seqs[:, :, search.cur_len - 1].reshape(-1, 1), search.cur_len)
 
 
 def beam_search_texts(model, tokenizer, texts: list[str], config: BeamConfig,
