@@ -7,7 +7,7 @@ harness model (`--model lmforge`, evaluate/harness.py) and to the harness's own 
 converted folder, in this process, one after the other:
   - perplexity: loglikelihood_rolling over PTB test documents (every token scored once);
   - multiple choice: loglikelihood of 4 continuations per PTB sentence (its own end, and the ends
-    of three other sentences), after its first half.
+    of three other sentences), after the sentence before it and its own first half.
 Examples per second for each, and the largest difference between the two models' scores (equal
 scores: the speed-up is not bought with different numbers). Target: >= 1.5x.
 
@@ -16,7 +16,8 @@ log-likelihood (`eval --template ... --verbalizer 0=terrible,1=great`), zero-sho
 (shots from train.tsv, seed 0), beside chance (the majority class) and the fine-tuned model of
 benchmarks/finetune_bench.py (its saved result, if there).
 
-    python benchmarks/eval_bench.py [--docs 8] [--questions 64] [--batch-size 8] [--model DIR] [--readme]
+    python benchmarks/eval_bench.py [--docs 8] [--questions 64] [--batch-size 8] [--threads N] [--model DIR]
+                                    [--readme]
 
 Never asserts a time.
 """
@@ -68,11 +69,13 @@ def requests(n_docs: int, n_questions: int):
     docs = ["\n".join(lines[i * 60:(i + 1) * 60]) for i in range(n_docs)]
     rolling = [Instance("loglikelihood_rolling", {}, (doc,), i) for i, doc in enumerate(docs)]
     rng = random.Random(0)
-    picked = rng.sample([line for line in lines if len(line.split()) >= 8], n_questions + 3)
+    candidates = [i for i in range(1, len(lines)) if len(lines[i].split()) >= 8]
+    chosen = rng.sample(candidates, n_questions + 3)
+    picked = [lines[i] for i in chosen]
     choice, gold = [], []
     for q in range(n_questions):
         words = picked[q].split()
-        context = " ".join(words[:len(words) // 2])
+        context = lines[chosen[q] - 1] + "\n" + " ".join(words[:len(words) // 2])  # the sentence before, too
         ends = [" ".join(words[len(words) // 2:])] + [" ".join(picked[(q + k) % len(picked)].split()[len(words) // 2:])
                                                      for k in (1, 2, 3)]
         order = rng.sample(range(4), 4)
@@ -175,9 +178,13 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=64, help="multiple-choice questions (4 choices each)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--model", help="a decoder folder trained here: SST-2 zero- and 8-shot accuracy")
+    parser.add_argument("--threads", type=int, help="torch threads for both models (default: torch's own); "
+                                                    "1 is steadier on a machine shared with other work")
     parser.add_argument("--json-out")
     parser.add_argument("--readme", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         result = {"command": command_line("eval_bench.py", sys.argv[1:]), "machine": machine(),
                   "speed": speed(args, Path(scratch))}

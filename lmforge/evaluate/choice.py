@@ -147,7 +147,6 @@ def _score_groups(model, taken: list, pad: int, device):
     last = model.decode(ctx.to(device), ctx_mask.to(device) if padded else None, cache=cache)[:, -1]
     owners = [g for g, (_, members) in enumerate(taken) for _ in members]
     members = [m for _, group in taken for m in group]
-    first = torch.log_softmax(model.head(last).float(), dim=-1)[owners]  # each continuation's first token
     rest = None
     if longest > 1:
         cache.reorder(torch.tensor(owners, device=device))
@@ -158,13 +157,25 @@ def _score_groups(model, taken: list, pad: int, device):
         if padded:  # right padding of the continuations sits after every scored position: only keys of the context
             mask = torch.cat([ctx_mask[owners], torch.ones_like(inputs)], dim=1).to(device)
         rest = model.decode(inputs.to(device), mask, cache=cache)
-    for r, (index, ids) in enumerate(members):
-        wanted = torch.tensor(ids, device=device)
-        logprobs = first[r:r + 1]
-        if len(ids) > 1:
-            logprobs = torch.cat([logprobs, torch.log_softmax(model.head(rest[r, :len(ids) - 1]).float(), dim=-1)])
-        total = float(logprobs.gather(-1, wanted[:, None]).sum())
-        yield index, (total, bool((logprobs.argmax(-1) == wanted).all()))
+    scored = [torch.cat([last[owner:owner + 1], rest[r, :len(ids) - 1]]) if len(ids) > 1 else last[owner:owner + 1]
+              for r, (owner, (_, ids)) in enumerate(zip(owners, members, strict=True))]
+    found = _summed(model, scored, [ids for _, ids in members])
+    yield from zip([index for index, _ in members], found, strict=True)
+
+
+def _summed(model, hidden: list[torch.Tensor], targets: list[list[int]]) -> list[tuple[float, bool]]:
+    """Each piece's summed log-probability of its targets, and whether each target is the argmax:
+    one pass of the head over all pieces (its weights are read once, not once per piece)."""
+    logprobs = torch.log_softmax(model.head(torch.cat(hidden)).float(), dim=-1)
+    wanted = torch.tensor([t for row in targets for t in row], device=logprobs.device)
+    picked = logprobs.gather(-1, wanted[:, None])[:, 0]
+    right = logprobs.argmax(-1) == wanted
+    results, start = [], 0
+    for row in targets:
+        stop = start + len(row)
+        results.append((float(picked[start:stop].sum()), bool(right[start:stop].all())))
+        start = stop
+    return results
 
 
 @torch.no_grad()
@@ -195,17 +206,14 @@ def score_rows(model, rows: list[tuple[list[int], list[int]]], batch_size: int, 
         for r, index in enumerate(chunk):
             inputs[r, :len(rows[index][0])] = torch.tensor(rows[index][0])
         hidden = model.decode(inputs.to(device))
-        for r, index in enumerate(chunk):
-            inp, targets = rows[index]
-            scored = hidden[r, len(inp) - len(targets):len(inp)]
-            if not greedy:
-                labels = torch.tensor(targets, device=device)[None]
-                results[index] = (-float(vocabulary_loss(model.head, scored[None], labels)) * len(targets), False)
-                continue
-            logprobs = torch.log_softmax(model.head(scored).float(), dim=-1)
-            wanted = torch.tensor(targets, device=device)
-            total = float(logprobs.gather(-1, wanted[:, None]).sum())
-            results[index] = (total, bool((logprobs.argmax(-1) == wanted).all()))
+        scored = [hidden[r, len(rows[i][0]) - len(rows[i][1]):len(rows[i][0])] for r, i in enumerate(chunk)]
+        if greedy:
+            for index, found in zip(chunk, _summed(model, scored, [rows[i][1] for i in chunk]), strict=True):
+                results[index] = found
+        else:
+            for index, row in zip(chunk, scored, strict=True):
+                labels = torch.tensor(rows[index][1], device=device)[None]
+                results[index] = (-float(vocabulary_loss(model.head, row[None], labels)) * labels.shape[1], False)
         if progress is not None:
             progress(len(chunk))
     model.train(was_training)
