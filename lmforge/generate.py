@@ -145,7 +145,7 @@ def decode_steps(
     cache = model.new_cache(batch, ids.shape[1] + max_new)
     seen = None  # which tokens each row has seen: only the repetition penalty needs it
     if config.repetition_penalty != 1.0:
-        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen = torch.zeros(batch, model.config.target_vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, mask.bool())
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     # Without padding the model needs no attention mask: it then builds none, counts positions

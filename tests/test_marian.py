@@ -30,10 +30,10 @@ TARGET = ["die katze sitzt auf der matte", "ein hund rennt im park", "zwei männ
 EOS, UNK = 0, 1  # Marian's vocab.json: </s> first, <unk> second, <pad> last
 
 
-def _train_spm(lines: list[str], prefix) -> list[str]:
+def _train_spm(lines: list[str], prefix, size: int) -> list[str]:
     text = prefix.with_suffix(".txt")
     text.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(prefix), vocab_size=40, model_type="unigram",
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(prefix), vocab_size=size, model_type="unigram",
                                    character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=0, minloglevel=2)
     processor = spm.SentencePieceProcessor(model_file=f"{prefix}.model")
     return [processor.id_to_piece(i) for i in range(1, processor.get_piece_size())]
@@ -48,7 +48,7 @@ def _marian(folder, separate: bool):
     """(transformers model, folder)."""
     work = folder / "spm"
     work.mkdir()
-    source_pieces, target_pieces = _train_spm(SOURCE, work / "source"), _train_spm(TARGET, work / "target")
+    source_pieces, target_pieces = _train_spm(SOURCE, work / "source", 40), _train_spm(TARGET, work / "target", 34)
     for side in ("source", "target"):
         (folder / f"{side}.spm").write_bytes((work / f"{side}.model").read_bytes())
     if separate:
@@ -107,6 +107,8 @@ def test_marian_logits_match_with_padded_source(marian):
     separate = hf.config.share_encoder_decoder_embeddings is False
     assert model.config.sinusoidal_halves and model.config.activation == "silu" and not model.config.embedding_norm
     assert (model.config.decoder_vocab_size is not None) == separate
+    if separate:  # two tables of their own sizes; the head predicts the target's
+        assert (model.config.vocab_size, model.config.decoder_vocab_size) == (42, 36)
     _, src, mask = _batch(tokenizer, ["the cat sits in the park", "a dog", "two women read a red book"])
     target = torch.randint(2, hf.config.decoder_vocab_size - 1, (3, 8), generator=torch.Generator().manual_seed(2))
     target[:, 0] = hf.config.decoder_start_token_id
@@ -194,3 +196,16 @@ def test_marian_converts_to_an_lmforge_folder_that_translates_alike(marian, tmp_
     config = BeamConfig(num_beams=3, num_return_sequences=2, max_length=12, suppress_tokens=(tokenizer.pad_id,))
     found = beam_search_texts(again, tokenizer_again, texts, config)
     assert found == beam_search_texts(model, tokenizer, texts, config)
+
+
+def test_marian_greedy_with_repetition_penalty_matches_transformers(marian):
+    """lmforge generate's penalty remembers tokens over the decoder's own vocabulary."""
+    from lmforge.generate import GenerationConfig, decode_steps
+
+    hf, folder = marian
+    model, tokenizer = from_hf(folder)
+    rows, src, mask = _batch(tokenizer, ["the cat sits in the park"])
+    ref = hf.generate(src, attention_mask=mask, do_sample=False, repetition_penalty=1.5, max_new_tokens=10)
+    config = GenerationConfig(temperature=0, max_new_tokens=10, repetition_penalty=1.5)
+    ours = [tokens[0] for tokens, _ in decode_steps(model, rows, config, eos_id=EOS, pad_id=tokenizer.pad_id)]
+    assert ours == ref[0, 1 : 1 + len(ours)].tolist()
