@@ -12,16 +12,18 @@ import json
 
 import pytest
 import torch
-from helpers import one_thread, token_cache  # noqa: F401  (autouse)
+from helpers import one_thread, read_metrics, token_cache  # noqa: F401  (autouse)
 from safetensors.torch import load_file
 from test_classify import base_folder, task_options  # noqa: F401  (base_folder is a fixture)
 
 from lmforge.cli import main
 from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.finetune import classify
 from lmforge.finetune.predict import classify_texts
 from lmforge.finetune.prompt_tuning import add_soft_prompt
 from lmforge.finetune.run import prepare_task_run
-from lmforge.generate import decode_steps, GenerationConfig
+from lmforge.generate import GenerationConfig, decode_steps
 from lmforge.model import build_model
 from lmforge.model_folder import load_model, read_task
 
@@ -124,3 +126,104 @@ def test_a_bad_prompt_length_is_one_line_and_exit_2(tmp_path, base_folder, capsy
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--prompt-tuning must be a whole number of virtual tokens" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- what the tests above let through
+
+
+def test_segment_ids_of_an_encoder_input_are_shifted_past_the_soft_prompt():
+    model = prompted("encoder", "learned")
+    ids = torch.randint(11, 50, (2, 6), generator=torch.Generator().manual_seed(2))
+    types = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        ours = model(ids, token_type_ids=types).logits
+        model.soft_prompt = None
+        written = torch.cat([torch.tensor(PREFIX).expand(2, -1), ids], dim=1)
+        written_types = torch.cat([torch.zeros(2, len(PREFIX), dtype=torch.long), types], dim=1)  # prompt: 0
+        reference = model(written, token_type_ids=written_types).logits[:, len(PREFIX):]
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+
+
+def test_a_prompt_longer_than_the_window_keeps_room_for_the_soft_prompt():
+    """Learned positions end at block_size: the soft prompt's vectors take their share of the
+    window, so a long prompt keeps fewer of its own tokens (what the written prefix keeps)."""
+    model = prompted("decoder", "learned")
+    assert model.max_input_tokens == 32 - len(PREFIX)
+    long = [11 + k % 39 for k in range(40)]
+    config = GenerationConfig(max_new_tokens=8, temperature=0)
+    ours = [step for step, _ in decode_steps(model, [long, [20, 21, 22]], config)]
+    model.soft_prompt = None
+    reference = [step for step, _ in decode_steps(model, [PREFIX + long[-20:], PREFIX + [20, 21, 22]], config)]
+    assert ours == reference and len(ours) == 8
+
+
+def test_the_soft_prompt_starts_as_vocabulary_rows_and_leaves_room_for_a_token():
+    torch.manual_seed(0)
+    config = ModelConfig(arch="decoder", vocab_size=50, n_layer=1, n_head=2, n_embd=32, block_size=8)
+    model = add_soft_prompt(build_model(config), 7)  # one position left for the input
+    table = model.token_embedding.weight
+    assert model.soft_prompt.requires_grad and model.soft_prompt.shape == (7, 32)
+    assert all(any(torch.equal(row, vocab_row) for vocab_row in table) for row in model.soft_prompt)
+    assert model.soft_prompt.data_ptr() != table.data_ptr()  # a copy: training the prompt leaves the table alone
+    with pytest.raises(LmforgeError, match="already has a soft prompt"):
+        add_soft_prompt(model, 2)
+    with pytest.raises(LmforgeError, match="--prompt-tuning 8 leaves no room for input in a block of 8"):
+        add_soft_prompt(build_model(config), 8)
+
+
+def test_a_prompt_tuning_run_takes_its_own_defaults_and_records_its_length(tmp_path, base_folder):  # noqa: F811
+    run = prepare_task_run(task_options(tmp_path, base_folder, prompt_tuning=4, lr=None, max_steps=1))
+    assert (run.trainer.config.lr, run.trainer.config.min_lr, run.trainer.config.weight_decay) == (3e-2, 3e-3, 0.0)
+    both = prepare_task_run(task_options(tmp_path, base_folder, out="both", prompt_tuning=4, lora_rank=2, max_steps=1))
+    assert both.model.lora.prompt_tokens == 4 and both.model.lora.rank == 2 and both.model.prompt_length == 4
+    assert json.loads((tmp_path / "both" / "run.json").read_text())["lora"]["prompt_tokens"] == 4
+    trainable = {n for n, p in both.model.named_parameters() if p.requires_grad}
+    assert "soft_prompt" in trainable and any(".lora_A." in n for n in trainable)
+    assert not any(n.startswith("token_embedding") or ".attn.qkv.weight" in n for n in trainable)
+
+
+def test_a_prompt_tuning_run_resumes_exactly_and_keeps_its_length(tmp_path, base_folder):  # noqa: F811
+    options = task_options(tmp_path, base_folder, out="whole", prompt_tuning=3, max_steps=12, eval_every=6,
+                           save_every=6, log_every=1, dropout=0.1)
+    whole = prepare_task_run(options).trainer
+    whole.fit()
+    prepare_task_run({**options, "out": str(tmp_path / "split")}).trainer.fit(until=6)
+    resumed = prepare_task_run({"task": "classify", "out": str(tmp_path / "split"), "resume": True})
+    assert resumed.resumed and resumed.trainer.step == 6 and resumed.model.prompt_length == 3
+    resumed.trainer.fit()
+    losses = [[(r["step"], r["loss"]) for r in read_metrics(tmp_path / name, "train")] for name in ("split", "whole")]
+    assert losses[0] == losses[1] and len(losses[0]) == 12
+    torch.testing.assert_close(resumed.model.soft_prompt, whole.model.soft_prompt, atol=0, rtol=0)
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(LmforgeError) as error:
+        prepare_task_run({"task": "classify", "out": str(tmp_path / "split"), "resume": True, "prompt_tuning": 5})
+    assert str(error.value) == (f"{tmp_path / 'split'} trains a 3-vector soft prompt; "
+                                "--prompt-tuning cannot change on --resume")
+
+
+def test_a_prompt_tuned_language_model_trains_on_windows_that_leave_the_prompt_room(tmp_path):
+    from helpers import tiny_options
+
+    from lmforge.train.pretrain import prepare_run
+
+    prepare_run(tiny_options(tmp_path, out="base", max_steps=2, position="learned")).trainer.fit()
+    options = dict(init=str(tmp_path / "base"), data=[str(tmp_path / "corpus.txt")], out=str(tmp_path / "pt"),
+                   prompt_tuning=3, max_steps=3, progress=False, bf16=False, batch_size=4)
+    run = prepare_run(options)
+    assert run.trainer.seq_len == 16 - 3 and run.model.max_input_tokens == 13
+    run.trainer.fit()  # learned positions: a window of 16 more the prompt would not fit
+    with pytest.raises(LmforgeError, match="seq_len 16 is longer than the model's block_size 16 less its 3-vector"):
+        prepare_run({**options, "out": str(tmp_path / "pt2"), "seq_len": 16})
+
+
+def test_a_prompt_tuned_classifier_cuts_long_texts_to_leave_the_prompt_room(tmp_path, base_folder):  # noqa: F811
+    run = prepare_task_run(task_options(tmp_path, base_folder, prompt_tuning=4, max_steps=1))
+    model, task = run.model.eval(), run.trainer.task
+    long = "a keyword here and then a good deal more text " * 4  # ~190 characters, a block of 48
+    [scores] = classify_texts(model, run.tokenizer, task, [long])
+    assert sum(s["score"] for s in scores) == pytest.approx(1.0)
+    with torch.no_grad():
+        ids, types = classify.encode(run.tokenizer, [long], None, 44, "encoder", task["template"])[0]
+        alone = torch.softmax(model(torch.tensor([ids]), token_type_ids=torch.tensor([types])).logits[0], -1)
+    assert len(ids) == 44 and scores[0]["score"] == pytest.approx(float(alone.max()), abs=1e-6)

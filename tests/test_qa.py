@@ -24,10 +24,11 @@ from lmforge.cli import main
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.finetune import qa
-from lmforge.finetune.predict import answer_questions
+from lmforge.finetune.predict import answer_questions, evaluate_file
 from lmforge.finetune.run import prepare_task_run
 from lmforge.interop import hf_task, to_hf
 from lmforge.model import LanguageModel, SpanExtractor
+from lmforge.model.transformer import ModelOutput
 from lmforge.model_folder import load_model, read_task, save_model
 from lmforge.tokenize import Tokenizer
 
@@ -323,3 +324,227 @@ def test_no_usable_question_is_one_line_and_exit_2(tmp_path, base_folder, capsys
 def test_predict_needs_question_and_context_together(tmp_path, base_folder, capsys):
     assert main(["predict", str(base_folder), "--question", "why?"]) == 2
     assert "--question and --context go together" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- what the tests above let through
+
+
+class Pointer(torch.nn.Module):
+    """A stand-in span model that points where it is told: {token id: logit} for starts and for
+    ends, 0 for every other token (qa.answer needs nothing more of a model)."""
+
+    def __init__(self, starts: dict[int, float], ends: dict[int, float]):
+        super().__init__()
+        self.config = ModelConfig(arch="encoder", vocab_size=8, type_vocab_size=0)
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.starts, self.ends = starts, ends
+
+    def forward(self, input_ids, attention_mask=None, start_positions=None, end_positions=None, **_):
+        logits = torch.zeros(*input_ids.shape, 2)
+        for column, wanted in enumerate((self.starts, self.ends)):
+            for token, value in wanted.items():
+                logits[..., column] += (input_ids == token).float() * value
+        return ModelOutput(logits, torch.zeros(()))
+
+
+@pytest.mark.parametrize("arch,template", [("encoder", "lmforge"), ("decoder", "lmforge"), ("encoder", "tokenizer")])
+def test_every_window_offset_names_the_characters_of_its_own_token(base_folder, arch, template):
+    _, tokenizer = load_model(base_folder)
+    if template == "tokenizer":
+        eos = "<|endoftext|>"  # the tokenizer's own template, BERT's shape with lmforge's separator
+        tokenizer.inner.post_processor = processors.TemplateProcessing(
+            single=f"{eos} $A {eos}", pair=f"{eos} $A {eos} $B:1 {eos}:1", special_tokens=[(eos, tokenizer.eos_id)])
+    questions, _ = qa.read_squad(write_squad(base_folder / "s.json", toy_questions(6, 7, filler_words=14)))
+    windows = qa.build_windows(questions, tokenizer, 64, arch, template, doc_stride=10)
+    for window in windows:
+        context = questions[window.question].context
+        assert len(window.offsets) == len(window.input_ids) == len(window.token_type_ids)
+        whole = tokenizer.inner.encode(context, add_special_tokens=False)
+        id_at = dict(zip(whole.offsets, whole.ids, strict=True))
+        inside = [k for k, span in enumerate(window.offsets) if span is not None]
+        assert inside == list(range(inside[0], inside[-1] + 1))  # one run of context tokens
+        assert all(window.input_ids[k] == id_at[window.offsets[k]] for k in inside)
+        assert all(window.token_type_ids[k] == 1 for k in inside)
+        assert window.input_ids[inside[-1] + 1] == tokenizer.eos_id  # the closing separator, outside the context
+
+
+def test_a_long_question_is_cut_to_its_first_max_question_tokens(base_folder):
+    _, tokenizer = load_model(base_folder)
+    long = "what color is the " + " ".join(["old"] * 40) + " kite ?"  # ~180 characters
+    question = qa.make_question(long, "the kite is green . the car is red .")
+    windows = qa.build_windows([question], tokenizer, 160, "encoder", "lmforge", doc_stride=16, with_labels=False)
+    asked = tokenizer.inner.encode(long, add_special_tokens=False).ids
+    assert len(asked) > qa.MAX_QUESTION_TOKENS and len(windows) == 1
+    ids = windows[0].input_ids
+    assert ids[1:1 + qa.MAX_QUESTION_TOKENS] == asked[:qa.MAX_QUESTION_TOKENS]
+    assert ids[1 + qa.MAX_QUESTION_TOKENS] == tokenizer.eos_id  # then the separator, then the context
+
+
+def test_a_byte_level_answer_loses_the_leading_space_its_token_carries():
+    texts = ["the kite is green and the car is red ."] * 50
+    tokenizer = Tokenizer.train("bpe", texts, vocab_size=300)
+    green = tokenizer.inner.token_to_id("Ġgreen")
+    assert green is not None  # one token, space included: what the test is about
+    question = qa.make_question("what color is the kite ?", texts[0])
+    windows = qa.build_windows([question], tokenizer, 32, "encoder", "lmforge", doc_stride=4, with_labels=False)
+    [result], _ = qa.answer(Pointer({green: 5.0}, {green: 5.0}), [question], windows, 4, tokenizer.pad_id)
+    assert result["answer"] == "green" and texts[0][result["start"]:result["end"]] == "green"
+
+
+def test_an_answer_ending_on_a_space_is_trimmed_and_its_end_follows():
+    context = "the kite is green ."
+    tokenizer = Tokenizer.train("char", [context + " what color ?"])
+    g, space = tokenizer.inner.token_to_id("g"), tokenizer.inner.token_to_id(" ")
+    question = qa.make_question("what color ?", context)
+    windows = qa.build_windows([question], tokenizer, 64, "encoder", "lmforge", doc_stride=4, with_labels=False)
+    [result], _ = qa.answer(Pointer({g: 5.0}, {space: 5.0}), [question], windows, 4, tokenizer.pad_id,
+                            max_answer_tokens=6)  # the best span is "green " (g to the space after it)
+    assert (result["answer"], result["start"], result["end"]) == ("green", 12, 17)
+
+
+def test_the_answer_comes_from_the_window_with_the_highest_start_plus_end_logit():
+    """The first window holds "ab" three times (start + end logit 10, but a probability near 1/9),
+    the last one "cd" once (8, a probability near 0.6): the logits decide, as the pipeline did."""
+    tokenizer = Tokenizer.train("char", ["abcdefghijklmnopqrstuvwxyz ?."])
+    question = qa.make_question("q ?", "abxabxab" + "x" * 60 + "cd")
+    windows = qa.build_windows([question], tokenizer, 24, "encoder", "lmforge", doc_stride=4, with_labels=False)
+    assert len(windows) > 2
+    a, b, c, d = (tokenizer.inner.token_to_id(ch) for ch in "abcd")
+    model = Pointer({a: 5.0, c: 4.0}, {b: 5.0, d: 4.0})
+    [result], _ = qa.answer(model, [question], windows, 2, tokenizer.pad_id, max_answer_tokens=2)
+    assert (result["answer"], result["start"], result["end"]) == ("ab", 0, 2)
+    assert result["score"] < 0.2
+
+
+def test_the_score_is_start_times_end_probability_over_the_windows_context_tokens(base_folder):
+    model, tokenizer = load_model(base_folder)
+    config = ModelConfig.from_dict({**model.config.to_dict(), "span_head": True})
+    torch.manual_seed(1)
+    model = SpanExtractor(config).eval()
+    questions = [qa.make_question("what color is the kite ?", "the kite is green ."),
+                 qa.make_question("what ?", "the car is red and the river ran slowly past the old mill .")]
+    windows = qa.build_windows(questions, tokenizer, 160, "encoder", "lmforge", with_labels=False)
+    results, _ = qa.answer(model, questions, windows, 2, tokenizer.pad_id)  # one batch: the first window is padded
+    for window, result in zip(windows, results, strict=True):
+        with torch.no_grad():
+            ids, types = torch.tensor([window.input_ids]), torch.tensor([window.token_type_ids])
+            logits = model(ids, token_type_ids=types).logits[0]
+        inside = torch.tensor([span is not None for span in window.offsets])
+        _, first, last = qa.best_span(logits[:, 0], logits[:, 1], window.offsets, qa.MAX_ANSWER_TOKENS)
+        start_p = torch.softmax(logits[inside, 0], 0)[int(inside[:first].sum())]
+        end_p = torch.softmax(logits[inside, 1], 0)[int(inside[:last].sum())]
+        assert result["score"] == pytest.approx(float(start_p * end_p), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["encoder", "decoder"])
+def test_the_span_loss_of_a_padded_batch_is_the_mean_of_each_window_alone(arch):
+    torch.manual_seed(0)
+    config = ModelConfig(arch=arch, vocab_size=40, n_layer=1, n_head=2, n_embd=32, block_size=32, span_head=True,
+                         type_vocab_size=2 if arch == "encoder" else 0)
+    model = SpanExtractor(config).eval()
+    lengths, starts, ends = [12, 7, 9], [3, 0, 5], [6, 0, 8]
+    windows = [qa.Window(torch.randint(4, 40, (n,)).tolist(), [0] * 4 + [1] * (n - 4), [None] * n, 0, s, e)
+               for n, s, e in zip(lengths, starts, ends, strict=True)]
+    batch = qa.collate(windows, pad_id=0, with_segments=arch == "encoder")
+    assert batch["input_ids"].shape == (3, 12) and batch["attention_mask"].sum(1).tolist() == lengths
+    with torch.no_grad():
+        together = model(**batch)
+        alone = [model(**qa.collate([w], pad_id=0, with_segments=arch == "encoder")) for w in windows]
+    torch.testing.assert_close(together.loss, sum(o.loss for o in alone) / 3, atol=1e-5, rtol=0)
+    _, mean_loss = qa.answer(model, [qa.make_question("q", "c")], windows, 2, pad_id=0)  # batches of 2 and 1
+    assert mean_loss == pytest.approx(float(together.loss), abs=1e-5)  # the mean over windows, not batches
+    for row, (n, out) in enumerate(zip(lengths, alone, strict=True)):  # right padding changes no real token's logits
+        torch.testing.assert_close(together.logits[row, :n], out.logits[0], atol=1e-5, rtol=0)
+
+
+def test_predict_and_eval_read_a_hugging_face_qa_folder_with_the_default_windows(bert_qa, tmp_path, capsys):
+    """A converted folder has no task.json to name its --doc-stride and answer length: BERT's recipe
+    applies (30 tokens; a stride of 128, at most a quarter of the window: 12 of this model's 48)."""
+    _, _, folder = bert_qa
+    context = "the car is red . the boat is blue . " + FILLER
+    assert main(["predict", str(folder), "--question", "what color is the boat ?", "--context", context,
+                 "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    model, tokenizer = load_model(folder)
+    task = {"task": "qa", "template": "tokenizer", "doc_stride": 12, "max_answer_tokens": 30}
+    [expected] = answer_questions(model, tokenizer, task, [qa.make_question("what color is the boat ?", context)])
+    assert got == expected and context[got["start"]:got["end"]] == got["answer"]
+    path = write_squad(tmp_path / "q.json", toy_questions(4, 3))
+    assert main(["eval", str(folder), "--data", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["questions"] == 4
+
+
+def test_a_decoder_answers_questions_after_a_short_qa_run(tmp_path):
+    paragraphs = [p for a in toy_questions(50, 0) for p in a["paragraphs"]]
+    tokenizer = Tokenizer.train("char", [p["context"] + " " + q["question"] for p in paragraphs for q in p["qas"]])
+    config = ModelConfig(arch="decoder", vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=32,
+                         block_size=96, pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)
+    torch.manual_seed(0)
+    save_model(LanguageModel(config), tmp_path / "base", tokenizer)
+    run = prepare_task_run(qa_options(tmp_path, tmp_path / "base", max_steps=4, eval_every=4, save_every=4))
+    assert run.model.config.arch == "decoder" and isinstance(run.model, SpanExtractor)
+    summary = run.trainer.fit()
+    assert summary["val"]["questions"] == 40 and 0 <= summary["val"]["f1"] <= 100
+    model, tokenizer = load_model(tmp_path / "qa")
+    task = read_task(tmp_path / "qa")
+    context = "the town was quiet and the river ran slowly . the kite is green . the car is red ."
+    [result] = answer_questions(model, tokenizer, task, [qa.make_question("what color is the kite ?", context)])
+    assert result["answer"] and context[result["start"]:result["end"]] == result["answer"]
+
+
+def test_a_qa_run_from_a_qa_folder_keeps_its_head_and_windows_unless_told(bert_qa, tmp_path):
+    _, _, folder = bert_qa
+    model, tokenizer = load_model(folder)
+    save_model(model, tmp_path / "mine", tokenizer, task={"task": "qa", "template": "tokenizer", "doc_stride": 6,
+                                                          "max_answer_tokens": 5})
+    train = write_squad(tmp_path / "t.json", toy_questions(20, 4))
+    options = dict(task="qa", init=str(tmp_path / "mine"), data=[str(train)], out=str(tmp_path / "a"), max_steps=1,
+                   progress=False, bf16=False)
+    run = prepare_task_run(options)
+    assert {k: run.trainer.task[k] for k in ("doc_stride", "max_answer_tokens")} == {"doc_stride": 6,
+                                                                                     "max_answer_tokens": 5}
+    for name, value in model.state_dict().items():  # the span head too: it already answers questions
+        torch.testing.assert_close(run.model.state_dict()[name], value, atol=0, rtol=0)
+    told = prepare_task_run({**options, "out": str(tmp_path / "b"), "doc_stride": 9, "max_answer_tokens": 3})
+    assert (told.trainer.task["doc_stride"], told.trainer.task["max_answer_tokens"]) == (9, 3)
+
+
+def test_without_val_data_a_seeded_share_of_the_questions_is_held_out(tmp_path, base_folder):
+    from lmforge.finetune.run import hold_out
+
+    options = qa_options(tmp_path, base_folder, val_data=None, val_fraction=0.1, max_steps=1)
+    run = prepare_task_run(options)
+    val = run.trainer.val_questions
+    assert len(val) == 40 and len(run.trainer.train_store) == 360  # one window per short question
+    again = prepare_task_run({**options, "out": str(tmp_path / "again")}).trainer.val_questions
+    assert [q.id for q in again] == [q.id for q in val]  # seeded
+    train, kept = hold_out(list(range(400)), run.trainer.config, "questions")
+    assert sorted(train + kept) == list(range(400)) and len(kept) == 40 and not set(train) & set(kept)
+    torch.manual_seed(123)  # the split is the run's seed's, whatever the global generator has drawn
+    assert hold_out(list(range(400)), run.trainer.config, "questions") == (train, kept)
+
+
+def test_a_prompt_tuned_qa_model_reads_windows_that_leave_the_prompt_room(tmp_path):
+    """Learned positions end at block_size: with 4 prompt vectors, windows hold 60 tokens, in training,
+    evaluation and predict alike."""
+    paragraphs = [p for a in toy_questions(50, 0) for p in a["paragraphs"]]
+    tokenizer = Tokenizer.train("char", [p["context"] + " " + q["question"] for p in paragraphs for q in p["qas"]])
+    config = ModelConfig(arch="encoder", vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=32,
+                         block_size=64, position="learned", type_vocab_size=2, pad_token_id=tokenizer.pad_id,
+                         eos_token_id=tokenizer.eos_id, mask_token_id=tokenizer.mask_id)
+    torch.manual_seed(0)
+    save_model(LanguageModel(config), tmp_path / "base", tokenizer)
+    long = write_squad(tmp_path / "long.json", toy_questions(6, 2, filler_words=14))  # ~250 characters each
+    options = qa_options(tmp_path, tmp_path / "base", val_data=[str(long)], prompt_tuning=4, doc_stride=8,
+                         max_steps=2, eval_every=2, save_every=2)
+    run = prepare_task_run(options)
+    assert max(len(w.input_ids) for w in run.trainer.val_store) == 60
+    run.trainer.fit()
+    model, tokenizer = load_model(tmp_path / "qa")
+    assert model.prompt_length == 4 and model.max_input_tokens == 60
+    questions, _ = qa.read_squad(long)
+    for q, result in zip(questions, answer_questions(model, tokenizer, read_task(tmp_path / "qa"), questions),
+                         strict=True):
+        assert q.context[result["start"]:result["end"]] == result["answer"]
+    assert evaluate_file(model, tokenizer, read_task(tmp_path / "qa"), [str(long)])["questions"] == 6
+    assert main(["eval", str(tmp_path / "qa"), "--data", str(long), "--json"]) == 0

@@ -256,8 +256,10 @@ def run_spec(given: LoraSpec | None, saved_run: dict, restart: bool, out) -> Lor
         return None
     spec = LoraSpec.from_dict(saved)
     if given is not None and not given.same_shape(spec):
-        raise LmforgeError(f"{out} trains LoRA rank {spec.rank}, alpha {spec.alpha:g} on {','.join(spec.targets)}; "
-                           "LoRA options cannot change on --resume")
+        what = [f"LoRA rank {spec.rank}, alpha {spec.alpha:g} on {','.join(spec.targets)}"] if spec.rank else []
+        what += [f"a {spec.prompt_tokens}-vector soft prompt"] if spec.prompt_tokens else []
+        options = "LoRA options" if spec.rank else "--prompt-tuning"  # a prompt-tuning run has no rank to name
+        raise LmforgeError(f"{out} trains {' and '.join(what)}; {options} cannot change on --resume")
     return spec
 
 

@@ -24,6 +24,9 @@ def load_task_model(folder):
         raise LmforgeError(f"{folder} is a language model with no task; fine-tune it with --task, "
                            "or use generate / eval --data TEXT")
     model, tokenizer = load_model(folder)
+    if task["task"] == "qa":  # a Hugging Face QA folder names no windows: BERT's recipe, within this model's window
+        task = {"doc_stride": min(qa.DOC_STRIDE, model.max_input_tokens // 4),
+                "max_answer_tokens": qa.MAX_ANSWER_TOKENS, **task}
     if task["task"] == "classify" and model.config.n_labels != len(task["labels"]):
         raise LmforgeError(f"{folder}: task.json names {len(task['labels'])} labels but the model has "
                            f"{model.config.n_labels}")
