@@ -134,10 +134,6 @@ class Tokenizer:
                 from lmforge.spm import SentencePieceTokenizer
 
                 return SentencePieceTokenizer.load(path)
-            elif (path / "source.spm").is_file():  # Marian: SentencePiece source.spm/target.spm + vocab.json
-                from lmforge.spm import SentencePieceTokenizer
-
-                return SentencePieceTokenizer.load(path)
             else:
                 raise LmforgeError(f"no tokenizer.json (nor vocab.json + merges.txt) in {path}")
         from lmforge.spm import SentencePieceTokenizer, is_marker

@@ -220,8 +220,6 @@ def to_hf(model, tokenizer: Tokenizer | None, out_dir: str | Path, task: dict | 
     family = EXPORT_FAMILY[config.arch]
     if config.arch == "encoder-decoder" and config.position == "sinusoidal":
         family = marian.FAMILY  # BART's positions are learned, Marian's sinusoidal
-    if config.arch == "encoder-decoder" and config.position == "sinusoidal":
-        family = marian.FAMILY  # BART's positions are learned, Marian's sinusoidal
     hf_config = {"model_type": family.model_type, **family.config_to_hf(config), "dtype": "float32"}
     token_ids = {name: getattr(config, name) for name in TOKEN_FIELDS}
     if config.arch == "encoder-decoder":  # lmforge falls back to bos, then eos; transformers needs it spelled out
