@@ -167,7 +167,8 @@ def read_adapter(folder: str | Path):
         spec = LoraSpec.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, KeyError, TypeError) as exc:
         raise LmforgeError(f"cannot read {path}: {type(exc).__name__} {exc}") from None
-    parse_targets(spec.targets)
+    if spec.rank:
+        parse_targets(spec.targets)
     return spec
 
 
@@ -260,5 +261,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path):
         raise LmforgeError(f"{adapter_dir} is not a LoRA adapter folder (it has no {ADAPTER_FILE})")
     out = _fresh_output(out_dir, Path(adapter_dir))
     model, tokenizer = load_model(adapter_dir)
+    if model.soft_prompt is not None:
+        raise LmforgeError(f"{adapter_dir} holds a soft prompt (prompt tuning): an input, not a change of weights, "
+                           "so it cannot be merged; use the adapter folder itself")
     save_model(merge(model), out, tokenizer, task=read_task(adapter_dir))
     return model

@@ -94,9 +94,12 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.train_store, self.val_store = train_store, val_store
         self.objective = objective or Objective.for_training(config, model.config, tokenizer)
-        self.seq_len = block = config.seq_len or model.config.block_size
-        if block > model.config.block_size:
-            raise LmforgeError(f"seq_len {block} is longer than the model's block_size {model.config.block_size}")
+        room = getattr(model, "max_input_tokens", model.config.block_size)  # less a soft prompt's share
+        self.seq_len = block = config.seq_len or room
+        if block > room:
+            what = f"block_size {model.config.block_size}" + (f" less its {model.config.block_size - room}-vector soft "
+                                                              "prompt" if room < model.config.block_size else "")
+            raise LmforgeError(f"seq_len {block} is longer than the model's {what}")
         self.sampler = self.make_sampler()
         self.generator = torch.Generator().manual_seed(config.seed + 1 + self.world.rank)  # masking noise
         self.device = self.world.device
