@@ -133,7 +133,7 @@ def prepare_run(options: dict, documents: list[str] | None = None, summary: str 
     else:
         recipe = not init and model_opts.get("arch", "decoder") == "decoder"
         train_opts = {**(RECIPE_TRAIN if recipe else {}), **(train_defaults or {}),
-                      **(lora.TRAIN_DEFAULTS if lora_spec else {}), **train_opts}
+                      **(lora_spec.train_defaults if lora_spec else {}), **train_opts}
         if recipe:
             model_opts = {**RECIPE_MODEL, **model_opts}
 
