@@ -179,7 +179,7 @@ def prepare_task_run(options: dict) -> Run:
     if not resume:
         trainer.forget_metrics_after(0)
     what = {"classify": lambda: f"labels: {', '.join(task['labels'])}",
-            "qa": lambda: f"answers: spans of the context, windows of {model.config.block_size} tokens overlapping "
+            "qa": lambda: f"answers: spans of the context, windows of {model.max_input_tokens} tokens overlapping "
                           f"by {task['doc_stride']}, at most {task['max_answer_tokens']} tokens",
             "instruct": lambda: "answers are the targets"}[task["task"]]()
     summary = "\n".join([*(f"note: {note}" for note in notes), what])
