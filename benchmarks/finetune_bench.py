@@ -56,12 +56,18 @@ def timed_fit(run, minutes: float) -> dict:
 
 def pretrain(work: Path, minutes: float) -> dict:
     from lmforge.finetune.tabular import read_rows
-    from lmforge.train.pretrain import prepare_run
 
     started = time.perf_counter()
     corpus = work / "sst2_train_text.txt"
     corpus.write_text("\n".join(row.fields["sentence"] for row in read_rows(SST2 / "train.tsv")), encoding="utf-8")
-    run = prepare_run({**MODEL, **PRETRAIN, "data": [str(corpus)], "out": str(work / "mlm"), "max_steps": 10**6,
+    return mlm_pretrain(work, corpus, minutes, {**MODEL, **PRETRAIN}, started)
+
+
+def mlm_pretrain(work: Path, corpus: Path, minutes: float, options: dict, started: float) -> dict:
+    """Masked-LM pretraining of work/mlm on `corpus` for what is left of `minutes` since `started`."""
+    from lmforge.train.pretrain import prepare_run
+
+    run = prepare_run({**options, "data": [str(corpus)], "out": str(work / "mlm"), "max_steps": 10**6,
                        "progress": False, "bf16": False})
     prepared = time.perf_counter() - started
     result = timed_fit(run, minutes - prepared / 60)

@@ -14,6 +14,20 @@ import torch
 from lmforge.errors import LmforgeError
 
 
+def pad_right(examples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, segment ids) of examples with `input_ids` and `token_type_ids`, padded
+    on the right: classifiers pool and span heads read by the mask, so padding may sit there."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    segments = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n], mask[row, :n] = torch.tensor(example.input_ids), 1
+        segments[row, :n] = torch.tensor(example.token_type_ids)
+    return ids, mask, segments
+
+
 class ExampleSampler:
     """Shuffled passes over the examples, batched by similar length, reproducible from (seed,
     epoch, batch).

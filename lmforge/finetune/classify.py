@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.finetune.batches import pad_right
 from lmforge.finetune.tabular import Row, Skipped, pick_column
 
 TEXT_COLUMNS = ("sentence", "text", "sentence1", "question")
@@ -157,15 +158,7 @@ def build_examples(rows: list[Row], columns: Columns, labels: list[str], tokeniz
 
 def collate(examples: list[Example], pad_id: int, with_segments: bool) -> dict:
     """Right-padded tensors: a classifier pools by the attention mask, so padding sits anywhere."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    segments = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        ids[row, :n] = torch.tensor(example.input_ids)
-        mask[row, :n] = 1
-        segments[row, :n] = torch.tensor(example.token_type_ids)
+    ids, mask, segments = pad_right(examples, pad_id)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e.label for e in examples])}
     if with_segments:
         batch["token_type_ids"] = segments

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.finetune.batches import pad_right
 from lmforge.finetune.classify import lmforge_template
 from lmforge.finetune.tabular import Skipped
 
@@ -171,14 +172,7 @@ def _answer_tokens(offsets: list, char_start: int, char_end: int) -> tuple[int, 
 
 def collate(windows: list[Window], pad_id: int, with_segments: bool) -> dict:
     """Right-padded tensors with the answer's token positions as the targets."""
-    width = max(len(w.input_ids) for w in windows)
-    ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(windows), width), dtype=torch.long)
-    segments = torch.zeros((len(windows), width), dtype=torch.long)
-    for row, window in enumerate(windows):
-        n = len(window.input_ids)
-        ids[row, :n], mask[row, :n] = torch.tensor(window.input_ids), 1
-        segments[row, :n] = torch.tensor(window.token_type_ids)
+    ids, mask, segments = pad_right(windows, pad_id)
     batch = {"input_ids": ids, "attention_mask": mask,
              "start_positions": torch.tensor([w.start for w in windows]),
              "end_positions": torch.tensor([w.end for w in windows])}
