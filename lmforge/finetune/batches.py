@@ -35,18 +35,21 @@ class ExampleSampler:
     Each epoch shuffles the examples, sorts every pool of BUCKET_POOL batches by length, cuts
     the pools into batches and shuffles the batches: a batch pads its texts to nearly the same
     length (SST-2's phrases padded to their random batch's longest took ~4x the compute), while
-    which examples meet stays random. An incomplete last batch is dropped. Under torchrun each
+    which examples meet stays random (`length` may say what "length" is: a seq2seq pair sorts by
+    source, then target length). An incomplete last batch is dropped. Under torchrun each
     rank takes its share of every global batch."""
 
     BUCKET_POOL = 50
 
     def __init__(self, examples: list, batch_size: int, seed: int, collate: Callable[[list], dict],
-                 rank: int = 0, world_size: int = 1, transform: Callable | None = None):
+                 rank: int = 0, world_size: int = 1, transform: Callable | None = None,
+                 length: Callable | None = None):
         if len(examples) < batch_size * world_size:
             raise LmforgeError(f"{len(examples)} usable training examples: fewer than one batch of "
                                f"{batch_size * world_size}; lower --batch-size")
         self.examples, self.batch_size, self.seed, self.collate = examples, batch_size, seed, collate
         self.rank, self.world_size, self.transform = rank, world_size, transform
+        self.length = length or (lambda example: len(example.input_ids))  # what batches group by
         self.epoch, self.position = 0, 0  # position: the next batch of this epoch
         self._batches = self._epoch_batches()
 
@@ -57,7 +60,7 @@ class ExampleSampler:
         pool = size * self.BUCKET_POOL
         batches = []
         for start in range(0, len(order), pool):
-            chunk = sorted(order[start:start + pool], key=lambda i: len(self.examples[i].input_ids))
+            chunk = sorted(order[start:start + pool], key=lambda i: self.length(self.examples[i]))
             batches += [chunk[k:k + size] for k in range(0, len(chunk) - size + 1, size)]
         shuffled = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[k] for k in shuffled]

@@ -78,7 +78,7 @@ class Seq2SeqTrainer(Trainer):
         start = start_token(self.model.config)
         collate_fn = partial(collate, pad_id=self.sides.pad_id, start_id=start)
         return ExampleSampler(self.train_store, self.config.batch_size, self.config.seed, collate_fn,
-                              self.world.rank, self.world.world_size)
+                              self.world.rank, self.world.world_size, length=_pair_length)
 
     def next_batch(self) -> dict:
         return self.sampler.next_batch()
@@ -105,6 +105,11 @@ class Seq2SeqTrainer(Trainer):
     def headline(self, result: dict) -> tuple[str, str]:
         name = self.selection_metric[0]
         return f"val_{name}", f"{result[name]:.2f}"
+
+
+def _pair_length(example) -> tuple[int, int]:
+    """Batches group by source length, then target length: both sides pad to their longest."""
+    return len(example.input_ids), len(example.target_ids)
 
 
 @torch.no_grad()
