@@ -21,6 +21,7 @@ from test_interop import bart  # noqa: F401  (a tiny converted BartForConditiona
 from lmforge.cli import main
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.evaluate.seq2seq import load_seq2seq
 from lmforge.finetune.batches import ExampleSampler
 from lmforge.model import LanguageModel
 from lmforge.model_folder import load_model, save_model
@@ -229,8 +230,8 @@ def test_copier_learned_and_outputs_keep_input_order(copier, copy_data, capsys):
     lines = out.splitlines()
     assert len(lines) == 40
     assert sum(line == source for line, source in zip(lines, val, strict=False)) >= 20  # it copies
-    model, sides, _ = __import__("lmforge.evaluate.seq2seq", fromlist=["x"]).load_seq2seq(copier)
-    one_by_one = [next(decode_texts(model, sides, [text], DecodeOptions()))[0][0] for text in val[:40]]
+    model, sides, task = load_seq2seq(copier)
+    one_by_one = [next(decode_texts(model, sides, [text], DecodeOptions(), task))[0][0] for text in val[:40]]
     assert lines == one_by_one  # sorting by length inside a window never reorders the output
 
 
@@ -363,8 +364,13 @@ def test_a_run_folder_survives_being_copied(copier, tmp_path, capsys):
     """Everything translate needs is in the folder (the source tokenizer rides in task.json)."""
     moved = tmp_path / "moved"
     shutil.copytree(copier, moved, ignore=shutil.ignore_patterns("checkpoints"))
-    code, out, _ = run_cli(capsys, "translate", moved, "--text", "red cat sun", "--json")
-    assert code == 0 and json.loads(out)["outputs"][0]["text"]
+    code, out, _ = run_cli(capsys, "translate", moved, "--text", "red cat sun moon", "--json")
+    assert code == 0 and json.loads(out)["outputs"][0]["text"] == "red cat sun moon"
+    task = json.loads((moved / "task.json").read_text())
+    (moved / "task.json").write_text(json.dumps({**task, "max_target_len": 2}))  # outputs stop where training did
+    code, out, _ = run_cli(capsys, "translate", moved, "--text", "red cat sun moon")
+    model, sides, _ = load_seq2seq(moved)
+    assert code == 0 and len(sides.target.encode(out.strip())) == 1  # the limit counts the end token, as in training
     write_jsonl_pairs(tmp_path / "p.jsonl", [("a", "b")])
     assert json.loads((tmp_path / "p.jsonl").read_text()) == {"source": "a", "target": "b"}
 

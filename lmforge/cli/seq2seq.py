@@ -112,7 +112,7 @@ def cmd_seq2seq(args) -> int:
     options.check()
     texts = _inputs(args)
     model, sides, task = load_seq2seq(args.model_dir)
-    for text, found in zip(texts, decode_texts(model, sides, texts, options, (task or {}).get("max_source_len")),
+    for text, found in zip(texts, decode_texts(model, sides, texts, options, task),
                            strict=False):
         if args.json:
             print(json.dumps({"input": text, "outputs": [{"text": t, "score": s} for t, s in found]},

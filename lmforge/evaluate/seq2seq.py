@@ -59,8 +59,7 @@ def evaluate_files(model_dir, task: str, src, ref, options, hyp_out=None) -> dic
     if len(sources) != len(references):
         raise LmforgeError(f"{src} has {len(sources)} lines but {ref} has {len(references)}: one reference per source")
     model, sides, saved = load_seq2seq(model_dir)
-    hypotheses = [found[0][0] for found in decode_texts(model, sides, sources, options,
-                                                        (saved or {}).get("max_source_len"))]
+    hypotheses = [found[0][0] for found in decode_texts(model, sides, sources, options, saved)]
     if hyp_out is not None:
         from lmforge.atomic import atomic_write_text
 

@@ -11,7 +11,7 @@ in their own order, so output can stream while later windows still decode.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -120,12 +120,17 @@ def _beam_batch(model, sides: Sides, sources, max_lens, options: DecodeOptions):
 
 
 def decode_texts(model, sides: Sides, texts: list[str], options: DecodeOptions,
-                 max_source_len: int | None = None) -> Iterator[list[tuple[str, float]]]:
-    """Each text's n best (text, score), yielded in input order as soon as its window is done."""
+                 task: dict | None = None) -> Iterator[list[tuple[str, float]]]:
+    """Each text's n best (text, score), yielded in input order as soon as its window is done.
+    A trained folder's task.json bounds the sources and, unless options say otherwise, the
+    outputs by the lengths it trained on."""
     options.check()
     if not texts:
         return
-    limit = min(max_source_len or model.config.block_size, model.config.block_size)
+    task = task or {}
+    if options.max_len is None and task.get("max_target_len"):
+        options = replace(options, max_len=task["max_target_len"])
+    limit = min(task.get("max_source_len") or model.config.block_size, model.config.block_size)
     window = options.batch_size * WINDOW_BATCHES
     for start in range(0, len(texts), window):
         chunk = texts[start:start + window]

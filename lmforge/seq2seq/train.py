@@ -99,7 +99,7 @@ class Seq2SeqTrainer(Trainer):
         result = score_loss(self.model, self.val_store, self.config.batch_size, self.sides.pad_id)
         limit = self.task.get("val_decode") or len(self.val_store)
         result.update(decode_metrics(self.model, self.sides, self.val_store[:limit], self.val_pairs,
-                                     self.summarize, self.config.batch_size))
+                                     self.summarize, self.config.batch_size, self.task.get("max_target_len")))
         return result
 
     def headline(self, result: dict) -> tuple[str, str]:
@@ -130,12 +130,13 @@ def score_loss(model, examples, batch_size: int, pad_id: int) -> dict:
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
 
-def decode_metrics(model, sides: Sides, examples, pairs: list[TextPair], summarize: bool, batch_size: int) -> dict:
+def decode_metrics(model, sides: Sides, examples, pairs: list[TextPair], summarize: bool, batch_size: int,
+                   max_len: int | None = None) -> dict:
     """Greedy output for these examples scored against their pairs' targets."""
     from lmforge.evaluate.metrics import bleu, chrf, rouge
 
     was_training = model.training
-    options = DecodeOptions(batch_size=batch_size, max_len_a=3.0 if summarize else 1.5)
+    options = DecodeOptions(batch_size=batch_size, max_len_a=3.0 if summarize else 1.5, max_len=max_len)
     hypotheses = []
     for k in range(0, len(examples), batch_size):
         chunk = examples[k:k + batch_size]
