@@ -44,7 +44,6 @@ def test_report_is_self_contained(run_dir, capsys):
     assert "<b>The dog</b>" in page and "val loss" in page and "1 files, 1 documents" in page
 
 
-@pytest.mark.slow  # ~11 s: the browser starts
 def test_report_opens_in_headless_chromium(run_dir, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright (a dev extra) is not installed")
     executable = chromium()
