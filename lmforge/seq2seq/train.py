@@ -293,7 +293,7 @@ def _new_model(run: dict, model_opts: dict, pairs: list[TextPair], out: Path, wo
         sides = Sides.train(pairs, run.get("vocab_size") or DEFAULT_VOCAB, bool(run.get("separate_vocab")))
         out.mkdir(parents=True, exist_ok=True)
         sides.target.save(out / "tokenizer.json")
-        write_task(out, sides.task_fields())
+        write_task(out, {"task": run["task"], **sides.task_fields()})
     world.barrier()
     if not world.is_main:
         sides = Sides.from_task(_read_json(out / "task.json"), Tokenizer.load(out / "tokenizer.json"))
