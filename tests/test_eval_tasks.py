@@ -84,7 +84,7 @@ def test_verbalizer_classification_equals_a_hand_computation(folder, tmp_path, c
     labels = [label for _, label in SENTIMENT]
     assert result["accuracy"] == accuracy(predicted, labels)
     assert result["macro_f1"] == pytest.approx(macro_f1(predicted, labels, labels=[0, 1]))
-    assert result["shots"] == 2 and result["examples"] == len(rows)
+    assert result["shots"] == 2 and result["examples"] == len(rows) and result["task"] == "classify (prompted)"
     low, high = result["ci95"]["accuracy"]
     assert low <= result["accuracy"] <= high
 

@@ -91,6 +91,7 @@ def evaluate(args) -> dict:
         from lmforge.evaluate.fewshot import fewshot_task  # a plain LM prompted, not a task folder
 
         function = fewshot_task
+        name = f"{args.task or ('classify' if args.verbalizer else 'qa')} (prompted)"
     elif name in TASKS:
         function = TASKS[name]
     else:
