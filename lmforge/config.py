@@ -16,7 +16,8 @@ from typing import Any
 from lmforge.atomic import atomic_write_text
 from lmforge.errors import LmforgeError
 
-ARCHS = ("decoder", "encoder", "encoder-decoder", "lstm")  # lstm: the recurrent seq2seq baseline (model/lstm.py)
+TRANSFORMER_ARCHS = ("decoder", "encoder", "encoder-decoder")
+ARCHS = (*TRANSFORMER_ARCHS, "lstm")  # lstm: the recurrent seq2seq baseline (model/lstm.py)
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "alibi", "none")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")  # silu: x*sigmoid(x), Marian's "swish"
 NORMS = ("layernorm", "rmsnorm")

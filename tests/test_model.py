@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from lmforge.config import ACTIVATIONS, ARCHS, NORM_POSITIONS, NORMS, POSITIONS, ModelConfig
+from lmforge.config import ACTIVATIONS, NORM_POSITIONS, NORMS, POSITIONS, ModelConfig
+from lmforge.config import TRANSFORMER_ARCHS as ARCHS  # the LSTM baseline has tests of its own (test_lstm.py)
 from lmforge.errors import LmforgeError
 from lmforge.model import KVCache, LanguageModel, ModelOutput
 from lmforge.model.attention import AttentionContext
