@@ -71,8 +71,13 @@ DECODER_BLOCK = BlockNames(
 def config_from_hf(hf: HFConfig, architecture: str) -> dict:
     # untied, transformers keeps three tables (encoder, decoder, head); the core shares one
     hf.expect("tie_word_embeddings", True)
+    return dict(**CLASSIC_LAYOUT, **family_fields(hf), activation=hf.activation("activation_function"),
+                embedding_norm=True)
+
+
+def family_fields(hf: HFConfig) -> dict:
+    """What BART and the models built on its code (Marian) say alike, in lmforge's names."""
     return dict(
-        **CLASSIC_LAYOUT,
         arch="encoder-decoder",
         vocab_size=hf["vocab_size"],
         block_size=hf["max_position_embeddings"],
@@ -81,13 +86,11 @@ def config_from_hf(hf: HFConfig, architecture: str) -> dict:
         n_head=hf.same("decoder_attention_heads", "encoder_attention_heads"),
         n_embd=hf["d_model"],
         d_ff=hf.same("decoder_ffn_dim", "encoder_ffn_dim"),
-        activation=hf.activation("activation_function"),
         norm_eps=NORM_EPS,
         norm_position="post",
         dropout=hf["dropout"],
         attn_dropout=hf["attention_dropout"],
         tie_embeddings=True,
-        embedding_norm=True,
         scale_embedding=hf["scale_embedding"],
         lm_head_bias=True,
         init_std=hf["init_std"],
@@ -100,8 +103,14 @@ def config_to_hf(config: ModelConfig) -> dict:
         bias=(True,), n_kv_head=plain_attention(config), dense_connections=(False,), type_vocab_size=(0,),
         embedding_norm=(True,), tie_embeddings=(True,), scale_attn_by_inverse_layer_idx=(False,),
     )
+    return {"architectures": ["BartForConditionalGeneration"], **family_fields_to_hf(config),
+            "activation_function": activation_to_hf(config, "BART"),
+            "forced_eos_token_id": None}  # lmforge generation forces nothing; say so, or BART's default (2) applies
+
+
+def family_fields_to_hf(config: ModelConfig) -> dict:
+    """family_fields, the other way."""
     return {
-        "architectures": ["BartForConditionalGeneration"],
         "is_encoder_decoder": True,
         "vocab_size": config.vocab_size,
         "max_position_embeddings": config.block_size,
@@ -111,14 +120,12 @@ def config_to_hf(config: ModelConfig) -> dict:
         "decoder_attention_heads": config.n_head,
         "encoder_ffn_dim": config.ffn_width,
         "decoder_ffn_dim": config.ffn_width,
-        "activation_function": activation_to_hf(config, "BART"),
         "d_model": config.n_embd,
         "dropout": config.dropout,
         "attention_dropout": config.attn_dropout,
         "init_std": config.init_std,
         "scale_embedding": config.scale_embedding,
         "tie_word_embeddings": True,
-        "forced_eos_token_id": None,  # lmforge generation forces nothing; say so, or BART's default (2) applies
     }
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from lmforge.config import ModelConfig
-from lmforge.interop.bart import DECODER_BLOCK, ENCODER_BLOCK, NORM_EPS
+from lmforge.interop.bart import DECODER_BLOCK, ENCODER_BLOCK, NORM_EPS, family_fields, family_fields_to_hf
 from lmforge.interop.mapping import (
     ROW,
     Family,
@@ -61,29 +61,14 @@ def config_from_hf(hf: HFConfig, architecture: str) -> dict:
     hf.expect("normalize_before", False)  # no Opus-MT model is pre-norm; transformers ignores the field anyway
     separate = not hf["share_encoder_decoder_embeddings"]
     return dict(
-        arch="encoder-decoder",
+        **family_fields(hf),
         norm="layernorm",
         position="sinusoidal",
         sinusoidal_halves=True,
         bias=True,
-        vocab_size=hf["vocab_size"],
         decoder_vocab_size=(hf["decoder_vocab_size"] or hf["vocab_size"]) if separate else None,
-        block_size=hf["max_position_embeddings"],
-        n_layer=hf["encoder_layers"],
-        n_decoder_layer=hf["decoder_layers"],
-        n_head=hf.same("decoder_attention_heads", "encoder_attention_heads"),
-        n_embd=hf["d_model"],
-        d_ff=hf.same("decoder_ffn_dim", "encoder_ffn_dim"),
         activation="silu" if hf["activation_function"] in SILU else hf.activation("activation_function"),
-        norm_eps=NORM_EPS,
-        norm_position="post",
-        dropout=hf["dropout"],
-        attn_dropout=hf["attention_dropout"],
-        tie_embeddings=True,
         embedding_norm=False,
-        scale_embedding=hf["scale_embedding"],
-        lm_head_bias=True,
-        init_std=hf["init_std"],
     )
 
 
@@ -96,25 +81,11 @@ def config_to_hf(config: ModelConfig) -> dict:
     )
     return {
         "architectures": ["MarianMTModel"],
-        "is_encoder_decoder": True,
-        "vocab_size": config.vocab_size,
+        **family_fields_to_hf(config),
         "decoder_vocab_size": config.target_vocab_size,
         "share_encoder_decoder_embeddings": config.decoder_vocab_size is None,
-        "max_position_embeddings": config.block_size,
-        "encoder_layers": config.n_layer,
-        "decoder_layers": config.decoder_layers,
-        "encoder_attention_heads": config.n_head,
-        "decoder_attention_heads": config.n_head,
-        "encoder_ffn_dim": config.ffn_width,
-        "decoder_ffn_dim": config.ffn_width,
         "activation_function": "swish" if config.activation == "silu" else activation_to_hf(config, "Marian"),
-        "d_model": config.n_embd,
-        "dropout": config.dropout,
-        "attention_dropout": config.attn_dropout,
-        "init_std": config.init_std,
-        "scale_embedding": config.scale_embedding,
         "normalize_before": False,
-        "tie_word_embeddings": True,
         "forced_eos_token_id": None,  # Marian's default (0) would force EOS at max_length; lmforge forces nothing
     }
 
