@@ -239,17 +239,7 @@ def qa_task(args, progress) -> Scores:
     if not args.data:
         raise LmforgeError("--task qa needs --data SQUAD_JSON")
     model, tokenizer, saved = _task_model(args, "qa")
-    questions, notes = [], []
-    for path in args.data:
-        found, skipped = qa.read_squad(path, need_answers=False)
-        answerable = [q for q in found if q.answers]
-        questions += answerable
-        if len(found) > len(answerable):
-            notes.append(f"{path}: skipped {len(found) - len(answerable)} question(s) with no answer")
-        notes += [skipped.summary()] if skipped.count else []
-    questions = questions[:args.limit]
-    if not questions:
-        raise LmforgeError("; ".join(notes) or "no questions to score")
+    questions, notes = qa.read_answerable(args.data, args.limit)
     answers = answer_questions(model, tokenizer, saved, questions, args.batch_size)
     progress(len(questions))
     em = np.array([100.0 * exact_match(a["answer"], q.answers) for a, q in zip(answers, questions, strict=True)])

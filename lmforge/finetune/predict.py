@@ -1,4 +1,5 @@
-"""Using a fine-tuned model folder: `lmforge predict` and `lmforge eval` on task models.
+"""Using a fine-tuned model folder: `lmforge predict`, and the task scores `lmforge eval` reports
+(evaluate/tasks.py calls them).
 
 The folder's task.json says what the model is for and how its inputs are built, so the same
 texts become the same ids here as during fine-tuning.
@@ -7,7 +8,6 @@ texts become the same ids here as during fine-tuning.
 from __future__ import annotations
 
 import json
-import sys
 
 from lmforge.errors import LmforgeError
 from lmforge.finetune import classify, instruct, qa
@@ -96,17 +96,7 @@ def _qa_file(path) -> list[qa.Question]:
 
 def evaluate_qa(model, tokenizer, task: dict, paths: list[str], batch_size: int = BATCH_SIZE) -> dict:
     """SQuAD's exact match and F1 over every question of the files (each against all its answers)."""
-    questions, notes = [], []
-    for path in paths:
-        found, skipped = qa.read_squad(path, need_answers=False)
-        answered = [q for q in found if q.answers]
-        questions += answered
-        if len(found) > len(answered):
-            notes.append(f"{path}: skipped {len(found) - len(answered)} question(s) with no answer")
-        if skipped.count:
-            notes.append(skipped.summary())
-    if not questions:
-        raise LmforgeError("; ".join(notes) or "no questions to score")
+    questions, notes = qa.read_answerable(paths)
     windows = qa.build_windows(questions, tokenizer, model.max_input_tokens, model.config.arch, task["template"],
                                task["doc_stride"])
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -139,26 +129,6 @@ def evaluate_file(model, tokenizer, task: dict, paths: list[str], batch_size: in
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     scorer = instruct.score if task["task"] == "instruct" else classify.score
     return {**scorer(model, examples, batch_size, pad_id), "skipped": notes}
-
-
-def eval_command(args) -> int:
-    """`lmforge eval MODEL_DIR --data FILE` on a fine-tuned folder: its task's metrics."""
-    model, tokenizer, task = load_task_model(args.model_dir)
-    given = {key: getattr(args, key, None) for key in ("text_column", "text_pair_column", "label_column")}
-    task = {**task, **{key: value for key, value in given.items() if value}}
-    result = evaluate_file(model, tokenizer, task, args.data, batch_size=args.batch_size)
-    for note in result["skipped"]:
-        print(f"note: {note}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result))
-    elif task["task"] == "instruct":
-        print(f"answer loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']:,} tokens)")
-    elif task["task"] == "qa":
-        print(f"exact match {result['exact_match']:.2f}  F1 {result['f1']:.2f}  ({result['questions']:,} questions)")
-    else:
-        print(f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  loss {result['loss']:.4f}  "
-              f"({result['examples']:,} examples)")
-    return 0
 
 
 def predict_command(args) -> int:

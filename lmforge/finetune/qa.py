@@ -73,6 +73,24 @@ def read_squad(path: str | Path, need_answers: bool = True) -> tuple[list[Questi
     return questions, skipped
 
 
+def read_answerable(paths, limit: int | None = None) -> tuple[list[Question], list[str]]:
+    """The questions of SQuAD files that have a reference answer (what evaluation can score; the
+    first `limit` of them), and one note per file for what was left out."""
+    questions, notes = [], []
+    for path in paths:
+        found, skipped = read_squad(path, need_answers=False)
+        answerable = [q for q in found if q.answers]
+        questions += answerable
+        if len(found) > len(answerable):
+            notes.append(f"{path}: skipped {len(found) - len(answerable)} question(s) with no answer")
+        if skipped.count:
+            notes.append(skipped.summary())
+    questions = questions[:limit]
+    if not questions:
+        raise LmforgeError("; ".join(notes) or "no questions to score")
+    return questions, notes
+
+
 def _items(parent, key: str) -> list:
     value = parent.get(key) if isinstance(parent, dict) else None
     return value if isinstance(value, list) else []
