@@ -178,10 +178,13 @@ def prepare_task_run(options: dict) -> Run:
     resumed = trainer.resume() if resume else False
     if not resume:
         trainer.forget_metrics_after(0)
-    what = {"classify": lambda: f"labels: {', '.join(task['labels'])}",
-            "qa": lambda: f"answers: spans of the context, windows of {model.max_input_tokens} tokens overlapping "
-                          f"by {task['doc_stride']}, at most {task['max_answer_tokens']} tokens",
-            "instruct": lambda: "answers are the targets"}[task["task"]]()
+    if task["task"] == "classify":
+        what = f"labels: {', '.join(task['labels'])}"
+    elif task["task"] == "qa":
+        what = (f"answers: spans of the context, windows of {model.max_input_tokens} tokens overlapping by "
+                f"{task['doc_stride']}, at most {task['max_answer_tokens']} tokens")
+    else:
+        what = "answers are the targets"
     summary = "\n".join([*(f"note: {note}" for note in notes), what])
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
