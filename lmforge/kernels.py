@@ -54,13 +54,14 @@ HEADERS = [CSRC / "vec_math.h", CSRC / "small_matmul.h"]
 LIBRARY = "lmforge_kernels"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 # Up to this many rows the kernel beats MKL (fp32, the 48 products of GPT-2 small's layers,
-# one A/B run: 1 row 15 vs 25 ms, 8 rows 28 vs 53, 32 rows 60 vs 71, 64 rows 111 vs 105). From
-# 2 rows on it multiplies tiles of rows (small_matmul.h), which is what carries it this far.
-MAX_ROWS = 32
+# minimum of 15, one A/B run with the 4 × 3 tiles of small_matmul.h: 1 row 18 vs 34 ms, 8 rows
+# 27 vs 71, 32 rows 59 vs 99, 64 rows 104 vs 148, 128 rows 203 vs 254). Beyond 64 rows a batch
+# is prefill-sized work that MKL's blocking is built for, so the kernel stops there.
+MAX_ROWS = 64
 # int8 weights: the alternative is dequantising the whole matrix to fp32 for MKL, so the kernel
-# stays ahead longer (same products and run: 8 rows 15 vs 52 ms, 32 rows 60 vs 87, 64 rows 92
-# vs 107).
-MAX_INT8_ROWS = 64
+# stays ahead longer (same products and run: 64 rows 122 vs 233 ms, 96 rows 187 vs 303, 128 rows
+# 247 vs 430).
+MAX_INT8_ROWS = 128
 
 _available: bool | None = None
 

@@ -11,7 +11,7 @@ result. Which code does that product depends on the number of rows, by measureme
 190 MB of fp32-equivalent weights, one row): lmforge's kernel (kernels.py) 5 ms; torch's
 `_weight_int8pack_mm` 25 ms (no fast AVX2 path; seconds at 32 rows); dequantising to fp32 and
 calling MKL 48 ms. The kernel converts each weight once per tile of up to 4 rows of x, so
-past ~64 rows dequantising and MKL is faster (kernels.MAX_INT8_ROWS sets the switch).
+with enough rows dequantising once and calling MKL wins (kernels.MAX_INT8_ROWS sets the switch).
 
     from lmforge.quantize import quantize_int8
     model = quantize_int8(model)   # every nn.Linear, the LM head included, becomes an Int8Linear

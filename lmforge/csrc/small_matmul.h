@@ -56,28 +56,36 @@ inline float finish(float sum, const float* scales, const float* bias, int64_t n
   return sum * (scales ? scales[n] : 1.0f) + (bias ? bias[n] : 0.0f);
 }
 
-// R rows of x (R <= 4) times weight rows n and n + 1, into out[r][0..1]: each weight vector is
-// loaded (and converted) once for R rows, and each x vector once for two weight rows, so the
-// loop does 2R multiply-adds per 2 + R loads instead of one per two. For 8 rows this is 1.25×
-// (fp32) to 1.6× (int8) faster than a dot per row; for 32, 1.35–1.7× (49 products of GPT-2
-// small, one quiet run).
-template <typename W, int R>
-inline void tile(const float* x, const W* w0, int64_t K, float out[R][2]) {
-  const W* w1 = w0 + K;
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+// Ask for one cache line of the next weight rows every 64 bytes of the current ones.
+template <typename W>
+constexpr int64_t kLineElements = 64 / sizeof(W);
+
+// R rows of x (R <= 4) times C consecutive weight rows (C <= 3) from w0, into out[r][c]: each
+// weight vector is loaded (and converted) once for R rows, and each x vector once for C weight
+// rows, so the loop does R·C multiply-adds per R + C loads (4 × 3: twelve accumulators, three
+// weights and one x vector fill the sixteen registers). If `next` is given, the C weight rows
+// after these are prefetched meanwhile, so that reading them from memory overlaps this tile's
+// arithmetic instead of following it.
+template <typename W, int R, int C>
+inline void tile(const float* x, const W* w0, int64_t K, float out[R][C], const W* next) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    const __m256 a = load8(w0 + k), b = load8(w1 + k);
+    if (next && k % kLineElements<W> == 0) {
+      for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(next + c * K + k), _MM_HINT_T0);
+    }
+    __m256 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = load8(w0 + c * K + k);
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_loadu_ps(x + r * K + k);
-      acc[r][0] = _mm256_fmadd_ps(xv, a, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(xv, b, acc[r][1]);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < 2; ++c) {
-      const W* row = c ? w1 : w0;
+    for (int c = 0; c < C; ++c) {
+      const W* row = w0 + c * K;
       float sum = lmforge_vec::horizontal_add(acc[r][c]);
       for (int64_t j = k; j < K; ++j) sum += x[r * K + j] * static_cast<float>(row[j]);
       out[r][c] = sum;
@@ -85,40 +93,52 @@ inline void tile(const float* x, const W* w0, int64_t K, float out[R][2]) {
   }
 }
 
-// Rows m0 .. m0 + R - 1 of y for the weight-row pair (n, n + 1).
-template <typename W, int R>
-inline void pair_of_columns(const float* x, const W* w, const float* scales, const float* bias, float* y, int64_t m0,
-                            int64_t n, int64_t N, int64_t K) {
-  float out[R][2];
-  tile<W, R>(x + m0 * K, w + n * K, K, out);
+// Rows m0 .. m0 + R - 1 of y for the weight rows n .. n + C - 1.
+template <typename W, int R, int C>
+inline void tile_into(const float* x, const W* w, const float* scales, const float* bias, float* y, int64_t m0,
+                      int64_t n, int64_t N, int64_t K, const W* next) {
+  float out[R][C];
+  tile<W, R, C>(x + m0 * K, w + n * K, K, out, next);
   for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < 2; ++c) {
-      y[(m0 + r) * N + n + c] = finish(out[r][c], scales, bias, n + c);
-    }
+    for (int c = 0; c < C; ++c) y[(m0 + r) * N + n + c] = finish(out[r][c], scales, bias, n + c);
   }
 }
 
-// From this many rows of x on, the tiles win (int8 at 2 rows: 10.6 against 7.4 ms for a dot per row).
-template <typename W>
-constexpr int64_t kTiledFromRows = sizeof(W) == 1 ? 4 : 2;
+// Every row of y for the weight rows n .. n + C - 1: tiles of four rows of x, then two, then
+// one. The last tile prefetches `next` (the following group's weights, or null).
+template <typename W, int C>
+inline void weight_group(const float* x, const W* w, const float* scales, const float* bias, float* y, int64_t M,
+                         int64_t n, int64_t N, int64_t K, const W* next) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile_into<W, 4, C>(x, w, scales, bias, y, m, n, N, K, m + 4 == M ? next : nullptr);
+  for (; m + 2 <= M; m += 2) tile_into<W, 2, C>(x, w, scales, bias, y, m, n, N, K, m + 2 == M ? next : nullptr);
+  if (m < M) tile_into<W, 1, C>(x, w, scales, bias, y, m, n, N, K, next);
+}
+
+// From 2 rows of x on, the tiles win; one row reads its weights fastest as plain dots (the 32
+// products of an 8 × 512 model, minimum of 40, three A/B runs: fp32 5.9 against 6.5 ms for a
+// 1-row tile, int8 1.8 against 1.9; at 2 rows int8 tiles take 1.9 against 2.5 ms for dots).
+constexpr int64_t kTiledFromRows = 2;
+
+// Weight rows per tile. Three against the earlier two, with the next group prefetched: the 33
+// products of an 8 × 512 model and its 4096-token head at 16 rows took 12.1 against 17.9 ms
+// (the minimum of 30, a standalone copy of the loop; docs/notes.md).
+constexpr int64_t kGroup = 3;
 
 template <typename W>
 void matmul_rows(const float* x, const W* w, const float* scales, const float* bias, float* y, int64_t M,
                  int64_t N, int64_t K) {
-  if (M >= kTiledFromRows<W>) {
-    at::parallel_for(0, (N + 1) / 2, 32, [&](int64_t first, int64_t last) {  // pairs of weight rows
-      for (int64_t pair = first; pair < last; ++pair) {
-        const int64_t n = 2 * pair;
-        if (n + 1 == N) {  // an odd last row
-          for (int64_t m = 0; m < M; ++m) y[m * N + n] = finish(dot(x + m * K, w + n * K, K), scales, bias, n);
-          continue;
-        }
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) pair_of_columns<W, 4>(x, w, scales, bias, y, m, n, N, K);
-        for (; m + 2 <= M; m += 2) pair_of_columns<W, 2>(x, w, scales, bias, y, m, n, N, K);
-        if (m < M) pair_of_columns<W, 1>(x, w, scales, bias, y, m, n, N, K);
+  if (M >= kTiledFromRows) {
+    const int64_t groups = N / kGroup;
+    at::parallel_for(0, groups, 16, [&](int64_t first, int64_t last) {  // each thread: one contiguous range
+      for (int64_t g = first; g < last; ++g) {
+        const W* next = g + 1 < last ? w + (g + 1) * kGroup * K : nullptr;
+        weight_group<W, kGroup>(x, w, scales, bias, y, M, g * kGroup, N, K, next);
       }
     });
+    const int64_t n = groups * kGroup;  // the last one or two weight rows
+    if (N - n == 2) weight_group<W, 2>(x, w, scales, bias, y, M, n, N, K, nullptr);
+    if (N - n == 1) weight_group<W, 1>(x, w, scales, bias, y, M, n, N, K, nullptr);
     return;
   }
   at::parallel_for(0, N, 64, [&](int64_t first, int64_t last) {  // each thread: one contiguous range of rows
