@@ -12,7 +12,7 @@ median throughputs. Then `--malformed` requests
 from a table of broken bodies (bad JSON, invalid UTF-8, wrong types, out-of-range values,
 oversized prompts, unknown models) must all get a 4xx, and /health must still answer ok.
 
-    python benchmarks/serve_bench.py [--clients 16] [--requests 2] [--max-tokens 64] [--rounds 3] [--readme]
+    python benchmarks/serve_bench.py [--clients 16] [--requests 2] [--max-tokens 64] [--rounds 5] [--readme]
 
 Prints one JSON object and a markdown table; --readme also saves the JSON in benchmarks/results/
 and the table in README.md. Never asserts a time.
@@ -247,7 +247,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of load on each server")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of load on each server")
     parser.add_argument("--malformed", type=int, default=5000, help="malformed requests to send (0: skip)")
     parser.add_argument("--port", type=int, default=8917)
     parser.add_argument("--readme", action="store_true", help="also save JSON in benchmarks/results/, table in README")
