@@ -121,8 +121,8 @@ inline void weight_group(const float* x, const W* w, const float* scales, const 
 constexpr int64_t kTiledFromRows = 2;
 
 // Weight rows per tile. Three against the earlier two, with the next group prefetched: the 33
-// products of an 8 × 512 model and its 4096-token head at 16 rows took 12.1 against 17.9 ms
-// (the minimum of 30, a standalone copy of the loop; docs/notes.md).
+// products of an 8 × 512 model and its 4096-token head at 16 rows took 10.8–11.4 against 17.9 ms
+// (the minimum of 30, a standalone copy of the loop, three runs; docs/notes.md).
 constexpr int64_t kGroup = 3;
 
 template <typename W>
