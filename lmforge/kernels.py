@@ -55,8 +55,8 @@ LIBRARY = "lmforge_kernels"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 # Up to this many rows the kernel beats MKL (fp32, the 48 products of GPT-2 small's layers,
 # minimum of 15, one A/B run with the 4 × 3 tiles of small_matmul.h: 1 row 18 vs 34 ms, 8 rows
-# 27 vs 71, 32 rows 59 vs 99, 64 rows 104 vs 148, 128 rows 203 vs 254). Beyond 64 rows a batch
-# is prefill-sized work that MKL's blocking is built for, so the kernel stops there.
+# 27 vs 71, 32 rows 59 vs 99, 64 rows 104 vs 148, 128 rows 203 vs 254). The switch sits at 64,
+# below the largest size measured, leaving a margin for machines where MKL fares better.
 MAX_ROWS = 64
 # int8 weights: the alternative is dequantising the whole matrix to fp32 for MKL, so the kernel
 # stays ahead longer (same products and run: 64 rows 122 vs 233 ms, 96 rows 187 vs 303, 128 rows
