@@ -9,6 +9,10 @@
 
     python benchmarks/seq2seq_bench.py [--minutes 30] [--parts transformer,lstm,summarize] [--readme]
 
+Each part takes ~35 quiet minutes, so they may be run one at a time: with --readme, the parts not
+run are carried over from benchmarks/results/seq2seq.json, each with its own command and machine.
+--limit N decodes only the first N test examples (a smoke run, not a figure to publish).
+
 ROUGE is against the first reference of each example (SciTLDR: the author's TLDR; DialogSum:
 summary1). Prints one JSON object and a markdown table. Never asserts a figure.
 """
@@ -45,6 +49,8 @@ LSTM_TRAIN = {**TRAIN, "lr": 2e-3, "min_lr": 1e-4, "warmup_steps": 200}
 SUMMARY_MODEL = {**TRANSFORMER, "block_size": 512}
 SUMMARY_TRAIN = {**TRAIN, "batch_size": 16, "val_decode": 200, "max_source_len": 400, "max_target_len": 64}
 CALIBRATION_STEPS = 5
+PARTS = ("transformer", "lstm", "summarize")
+LIMIT = None  # --limit: decode only the first N test examples
 EVAL_SHARE = 0.9  # of the budget left for training steps; validations (greedy decoding) take the rest
 
 
@@ -75,6 +81,8 @@ def decode_and_score(folder: Path, task: str, src: Path, ref: Path, beam: int, *
     from lmforge.evaluate.seq2seq import evaluate_files
     from lmforge.seq2seq.decode import DecodeOptions
 
+    if LIMIT is not None:
+        src, ref = _head(src, folder.parent), _head(ref, folder.parent)
     options = DecodeOptions(beam=beam, batch_size=32, max_len_a=3.0 if task == "summarize" else 1.5, **decode)
     tick = time.perf_counter()
     result = evaluate_files(folder, task, src, ref, options)
@@ -92,6 +100,14 @@ def translation(work: Path, name: str, model: dict, train: dict, minutes: float)
     result["greedy"] = decode_and_score(out, "translate", test_src, test_ref, beam=1)
     result["beam5"] = decode_and_score(out, "translate", test_src, test_ref, beam=5)
     return result
+
+
+def _head(path: Path, folder: Path) -> Path:
+    """The first LIMIT lines of `path`, as a file in `folder`."""
+    out = folder / f"head-{path.name}"
+    out.write_text("".join(line + "\n" for line in path.read_text(encoding="utf-8").splitlines()[:LIMIT]),
+                   encoding="utf-8")
+    return out
 
 
 def _jsonl_to_lines(path: Path, source_key: str, target_key: str, folder: Path) -> tuple[Path, Path, list[str]]:
@@ -128,8 +144,21 @@ def summarisation(work: Path, minutes: float) -> dict:
     return result
 
 
+def carry_over(result: dict, parts: set[str]) -> None:
+    """Parts not run now are taken from the last published JSON, with the command that made them."""
+    published = ROOT / "benchmarks" / "results" / "seq2seq.json"
+    if not published.is_file():
+        return
+    earlier = json.loads(published.read_text())
+    for part in PARTS:
+        if part not in parts and part in earlier:
+            result[part] = {"measured_by": earlier.get("command"), "machine": earlier.get("machine"),
+                            "minutes": earlier.get("minutes"), **earlier[part]}
+
+
 def _bleu_row(label: str, r: dict, budget: str) -> str:
     t = r["training"]
+    budget = f"{r['minutes']:g} min" if "minutes" in r else budget
     return (f"| {label} | {t['parameters'] / 1e6:.1f}M | {t['steps']:,} steps, {budget} | "
             f"{r['greedy']['bleu']:.1f} / {r['greedy']['chrf']:.1f} | {r['beam5']['bleu']:.1f} / "
             f"{r['beam5']['chrf']:.1f} | {r['greedy']['sentences_per_s']:.0f} / {r['beam5']['sentences_per_s']:.0f} |")
@@ -146,6 +175,8 @@ def table(result: dict) -> str:
                 lines.append(_bleu_row(label, result[key], budget))
         signature = next(result[k]["beam5"]["bleu_signature"] for k in ("transformer", "lstm") if k in result)
         lines.append(f"\nsacreBLEU signature: `{signature}`; detokenised, cased output against the raw references.")
+        lines += [f"The {key} row was measured earlier, with `{result[key]['measured_by']}`."
+                  for key in ("transformer", "lstm") if "measured_by" in result.get(key, {})]
     if "summarize" in result:
         s = result["summarize"]
         lines += ["", "| summaries (ROUGE-1 / 2 / L) | first sentence | model, greedy | model, beam 4 |",
@@ -167,11 +198,16 @@ def main() -> None:
     parser.add_argument("--parts", default="transformer,lstm,summarize", help="which of transformer,lstm,summarize")
     parser.add_argument("--vocab-size", type=int, default=8000, help="the joint BPE's size (default 8000)")
     parser.add_argument("--batch-size", type=int, default=64, help="translation: sentence pairs a step (default 64)")
+    parser.add_argument("--limit", type=int, help="decode only the first N test examples (a smoke run)")
     parser.add_argument("--json-out", help="also write the JSON here")
     parser.add_argument("--readme", action="store_true", help="publish the table into README.md")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    if parts - {"transformer", "lstm", "summarize"} or not parts:
+    if args.readme and args.limit is not None:
+        sys.exit("--limit makes a smoke run: it is not published with --readme")
+    global LIMIT
+    LIMIT = args.limit
+    if parts - set(PARTS) or not parts:
         sys.exit(f"--parts: choose from transformer, lstm, summarize; got {args.parts}")
     for folder in (MULTI30K, SCITLDR, DIALOGSUM):
         if not folder.is_dir():
@@ -191,6 +227,8 @@ def main() -> None:
             result["lstm"] = translation(work, "lstm", LSTM, LSTM_TRAIN, args.minutes)
         if "summarize" in parts:
             result["summarize"] = summarisation(work, args.minutes)
+    if args.readme:
+        carry_over(result, parts)
     report("seq2seq", result, table(result), args.json_out, args.readme)
 
 
