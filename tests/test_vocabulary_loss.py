@@ -20,6 +20,9 @@ VOCAB = 300
 def small_chunks(monkeypatch):
     """Chunks of 7 rows, so a batch of ~100 target rows takes many chunks and a partial last one."""
     monkeypatch.setattr(heads, "LOSS_CHUNK", VOCAB * 7)
+    # without gradients: tiles of 7 rows × 64 vocabulary entries, the last one 44 wide
+    monkeypatch.setattr(heads, "TILE_ROWS", 7)
+    monkeypatch.setattr(heads, "TILE_COLUMNS", 64)
 
 
 def model_and_batch(arch: str, **options):
@@ -52,8 +55,19 @@ def test_chunked_loss_and_gradients_equal_the_plain_ones(small_chunks, arch, opt
     assert grads.keys() == want_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, want_grads[name], rtol=1e-5, atol=1e-7, msg=name)
-    with torch.no_grad():  # evaluation: the loss alone, no gradients taken on the way
+    with torch.no_grad():  # evaluation: the loss alone, tile by tile, no gradients taken on the way
         torch.testing.assert_close(model(ids, **inputs, return_logits=False).loss, want.loss, rtol=1e-6, atol=1e-6)
+
+
+def test_tiles_pick_each_target_from_the_tile_that_holds_it(small_chunks):
+    """Targets at the edges of tiles (0, 63, 64, the last id): a target taken from the wrong tile,
+    or a tile's log-sum-exp left out, changes the loss."""
+    model, ids, inputs = model_and_batch("decoder", tie_embeddings=False)
+    labels = inputs["labels"]
+    labels[1, :8] = torch.tensor([0, 63, 64, 127, 128, 255, 256, VOCAB - 1])
+    with torch.no_grad():
+        want = F.cross_entropy(model(ids).logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        torch.testing.assert_close(model(ids, **inputs, return_logits=False).loss, want, rtol=1e-6, atol=1e-6)
 
 
 def test_gradients_scale_with_the_loss(small_chunks):

@@ -14,6 +14,10 @@ from lmforge.model.norms import make_norm
 # vocabulary at batch 8 × 1024 would otherwise hold 1.6 GB of logits, and as much again for
 # their float32 copy, their log-softmax and its gradient. Below this size chunks gain nothing.
 LOSS_CHUNK = 2**24
+# Without gradients the logits come in tiles of rows × vocabulary columns, also 16 MB: a product
+# of 1,024 rows by 4,096 vocabulary rows ran 1.3–1.4× faster than one of 333 rows by GPT-2's
+# 50,257 (fewer passes over the weight, a tile of logits the log-sum-exp reads back from cache).
+TILE_ROWS, TILE_COLUMNS = 1024, 4096
 
 
 class LMHead(nn.Module):
@@ -118,9 +122,26 @@ def vocabulary_loss(head: LMHead | MLMHead, hidden: torch.Tensor, labels: torch.
     if torch.is_grad_enabled():
         return _ChunkedCrossEntropy.apply(features, proj.weight, proj.bias, targets, rows)
     total = features.new_zeros(())
-    for f, t in zip(features.split(rows), targets.split(rows), strict=True):
-        total += _summed_loss(F.linear(f, proj.weight, proj.bias), t)[0]
+    for f, t in zip(features.split(TILE_ROWS), targets.split(TILE_ROWS), strict=True):
+        total += _tiled_loss(f, proj.weight, proj.bias, t)
     return total / targets.numel()  # no target at all: nan, as F.cross_entropy gives
+
+
+def _tiled_loss(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy of features @ weight.T + bias, TILE_COLUMNS of the vocabulary at
+    a time: each tile's log-sum-exp joins a running one (logaddexp), and a target's logit is
+    picked from the tile that holds it. Without gradients nothing else needs a row's logits."""
+    lse, picked = None, features.new_zeros(features.shape[0])
+    for start in range(0, weight.shape[0], TILE_COLUMNS):
+        stop = min(start + TILE_COLUMNS, weight.shape[0])
+        tile = F.linear(features, weight[start:stop], None if bias is None else bias[start:stop])
+        part = torch.logsumexp(tile, dim=-1)
+        lse = part if lse is None else torch.logaddexp(lse, part)
+        inside = (targets >= start) & (targets < stop)
+        column = (targets - start).clamp(0, stop - start - 1)
+        picked += torch.where(inside, tile.gather(1, column[:, None]).squeeze(1), 0.0)
+    return (lse - picked).sum()
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
