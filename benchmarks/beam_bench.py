@@ -6,13 +6,20 @@ order, and must return the same tokens; speed is sentences per second over the w
 encoder included. The two take turns batch by batch (after one warm-up batch each), so machine
 noise hits both alike.
 
---model DIR decodes with that model folder (lmforge's or Hugging Face's; the other side gets a
-converted copy). Without it a random BART-shaped model of a realistic translation size is built
-(6+6 layers, d=512, 8 heads, FFN 2048, a 10,000-token BPE trained on Multi30k's training text).
-A random model's outputs have no natural length, so for it every hypothesis is held to exactly
---length new tokens (min_length = max_length): both sides then do the same number of steps.
+The model, one of three:
+- --train-minutes M: the translation Transformer of seq2seq_bench.py (3+3 layers × 256, joint 8k
+  BPE) in BART's layout (post-norm, learned positions; transformers' BartForConditionalGeneration
+  loads it), trained M minutes on Multi30k here. Its hypotheses end where the model ends them, as
+  in real use; a source whose beams are all done costs lmforge nothing more, transformers keeps
+  computing it until its whole batch is done.
+- --model DIR: that model folder (lmforge's or Hugging Face's; the other side gets a converted copy).
+- neither: a random BART-shaped model of a larger translation size (6+6 layers, d=512, 8 heads,
+  FFN 2048, a 10,000-token BPE trained on Multi30k's training text). A random model's outputs
+  have no natural length, so every hypothesis is held to exactly --length new tokens
+  (min_length = max_length): both sides do the same number of steps, the case where dropping
+  finished sources gains nothing.
 
-    python benchmarks/beam_bench.py [--sentences 1000] [--model DIR] [--readme] [--json-out FILE]
+    python benchmarks/beam_bench.py [--sentences 1000] [--train-minutes M | --model DIR] [--readme]
 
 Prints one JSON object and a markdown table; --readme also saves the JSON in benchmarks/results/
 and the table in README.md. Never asserts a time.
@@ -60,15 +67,33 @@ def random_bart(folder: Path):
 
 
 def given_model(path: Path, folder: Path):
-    """(transformers model, lmforge model, tokenizer) for a model folder of either kind."""
+    """(transformers model, lmforge model, encode(texts) -> source ids) for a model folder of either
+    kind; a translation run's folder encodes sources as it was trained to (seq2seq/data.py's Sides)."""
     import transformers
 
+    from lmforge.evaluate.seq2seq import load_seq2seq
     from lmforge.interop import is_hf_folder, to_hf
     from lmforge.model_folder import load_model
 
     model, tokenizer = load_model(path)
     hf_dir = path if is_hf_folder(path) else to_hf(model, tokenizer, folder)
-    return transformers.AutoModelForSeq2SeqLM.from_pretrained(hf_dir).eval(), model.eval(), tokenizer
+    _, sides, _ = load_seq2seq(path)
+    encode = lambda texts: sides.encode_sources(texts, model.config.block_size)  # noqa: E731
+    return transformers.AutoModelForSeq2SeqLM.from_pretrained(hf_dir).eval(), model.eval(), encode
+
+
+def trained_model(minutes: float, folder: Path) -> Path:
+    """seq2seq_bench.py's translation recipe in BART's layout, trained `minutes` on Multi30k."""
+    from seq2seq_bench import MULTI30K, TRAIN, TRANSFORMER, timed_fit
+
+    bart_layout = {"norm_position": "post", "position": "learned", "norm": "layernorm", "bias": True,
+                   "embedding_norm": True, "tie_embeddings": True, "lm_head_bias": True, "activation": "gelu"}
+    out = folder / "trained"
+    options = {**TRANSFORMER, **bart_layout, **TRAIN, "task": "translate", "out": str(out),
+               "source_file": str(MULTI30K / "train.en"), "target_file": str(MULTI30K / "train.de"),
+               "val_source_file": str(MULTI30K / "val.en"), "val_target_file": str(MULTI30K / "val.de")}
+    timed_fit(options, minutes * 60)
+    return out
 
 
 def run(args) -> dict:
@@ -76,12 +101,19 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        hf, model, tokenizer = given_model(Path(args.model), Path(tmp)) if args.model else random_bart(Path(tmp))
+        if args.train_minutes:
+            args.model = str(trained_model(args.train_minutes, Path(tmp)))
+        if args.model:
+            hf, model, encode = given_model(Path(args.model), Path(tmp))
+        else:
+            hf, model, tokenizer = random_bart(Path(tmp))
+            encode = tokenizer.encode_batch
     sources = (DATA / "test_2016_flickr.en").read_text(encoding="utf-8").splitlines()[: args.sentences]
-    rows = [ids[: args.max_source] for ids in tokenizer.encode_batch(sources)]
+    rows = [ids[: args.max_source] for ids in encode(sources)]
     cfg = model.config
     eos, pad = cfg.eos_token_id, cfg.pad_token_id if cfg.pad_token_id is not None else 0
     fixed = not args.model  # a random model: every hypothesis is exactly --length new tokens long
+    args.length = args.length or (24 if fixed else 64)
     settings = dict(num_beams=args.beam, early_stopping=True, length_penalty=1.0, max_length=args.length + 1,
                     min_length=args.length + 1 if fixed else 0)
     config = BeamConfig(**settings)
@@ -116,8 +148,7 @@ def run(args) -> dict:
     return {
         "command": command_line("beam_bench.py", sys.argv[1:]),
         "machine": machine(),
-        "model": args.model or "random BART-shaped " + ", ".join(f"{k}={v}" for k, v in SHAPE.items())
-        + f", vocab {VOCAB}",
+        "model": model_name(args),
         "parameters": sum(p.numel() for p in model.parameters()),
         "sentences": n, "batch": args.batch, "beam": args.beam,
         "lengths": f"exactly {args.length} new tokens" if fixed else f"at most {args.length} new tokens",
@@ -126,6 +157,13 @@ def run(args) -> dict:
         "identical_outputs": f"{same}/{n}",
         "note": args.note,
     }
+
+
+def model_name(args) -> str:
+    if args.train_minutes:
+        return (f"seq2seq_bench.py's Transformer (3+3 × 256, vocab 8000) in BART's layout, trained "
+                f"{args.train_minutes:g} minutes on Multi30k")
+    return args.model or "random BART-shaped " + ", ".join(f"{k}={v}" for k, v in SHAPE.items()) + f", vocab {VOCAB}"
 
 
 def table(result: dict) -> str:
@@ -146,11 +184,13 @@ def table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a model folder (lmforge or Hugging Face); default: a random BART-shaped one")
+    parser.add_argument("--train-minutes", type=float, help="train seq2seq_bench's Transformer, BART layout, this long")
     parser.add_argument("--sentences", type=int, default=1000, help="the first N sentences of test_2016_flickr")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--beam", type=int, default=5)
-    parser.add_argument("--length", type=int, default=24,
-                        help="new tokens (exactly, for a random model; at most otherwise)")
+    parser.add_argument("--length", type=int,
+                        help="new tokens: exactly this many for the random model (default 24); at most this many "
+                             "for a trained one (default 64)")
     parser.add_argument("--max-source", type=int, default=128, help="source tokens kept")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--note", default="", help="a sentence printed under the table (how the machine was loaded)")

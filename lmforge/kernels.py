@@ -117,7 +117,8 @@ def _build() -> bool:
         return x.new_empty(x.shape[0], w.shape[0])
 
     @torch.library.register_fake("lmforge::decode_block")
-    def _(x, params, keys, values, length, key_mask, cos, sin, dims, numbers):
+    def _(x, params, keys, values, length, key_mask, cos, sin, dims, numbers, cross_keys=None, cross_values=None,
+          cross_mask=None):
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("lmforge::causal_attention")

@@ -1,6 +1,7 @@
 """The fused decoding step (model/fused_decode.py, csrc/decode.cpp) against the module path it
-replaces: logits and cache contents for every block layout it accepts, fp32 and int8 weights,
-left-padded batches; which blocks it refuses; its plan following a quantised model."""
+replaces: logits and cache contents for every block layout it accepts (decoder and
+encoder-decoder, pre- and post-norm), fp32 and int8 weights, left-padded batches, beams sharing
+their source's encoder keys; which blocks it refuses; its plan following a quantised model."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ LAYOUTS = {
     "gelu_tanh_sinusoidal": dict(activation="gelu_tanh", position="sinusoidal", bias=True),
     "relu_layernorm_no_bias": dict(activation="relu", norm="layernorm", bias=False, n_kv_head=1),
     "scaled_by_layer": dict(position="learned", scale_attn_by_inverse_layer_idx=True),
+    "post_norm": dict(position="learned", norm_position="post", bias=True),
 }
 
 
@@ -38,8 +40,8 @@ def fused_calls(monkeypatch) -> list:
     calls = []
     real = fused_decode.run
 
-    def spy(block, x, ctx, cache):
-        out = real(block, x, ctx, cache)
+    def spy(block, x, ctx, cache, memory_ctx=None):
+        out = real(block, x, ctx, cache, memory_ctx)
         calls.append(out is not None)
         return out
 
@@ -114,8 +116,8 @@ def test_greedy_tokens_are_the_same_fused_or_not(kernel, fused_calls, layout):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(position="alibi"), dict(position="relative"), dict(norm_position="post"), dict(arch="encoder-decoder")],
-    ids=["alibi", "relative", "post-norm", "cross-attention"],
+    [dict(position="alibi"), dict(position="relative"), dict(arch="encoder-decoder", position="relative")],
+    ids=["alibi", "relative", "cross-attention-relative"],
 )
 def test_blocks_the_kernel_does_not_implement_keep_the_module_path(kernel, overrides):
     model = LanguageModel(ModelConfig(**BASE, **overrides)).eval()
@@ -144,14 +146,14 @@ def test_only_inference_on_a_few_single_token_rows_is_fused(kernel):
     cache = model.new_cache(kernels.MAX_ROWS + 1, 8).layers[0]
     one = torch.randn(2, 1, 32)
     with torch.no_grad():
-        assert fused_decode.fits(block, one, cache, None)
-        assert not fused_decode.fits(block, torch.randn(2, 3, 32), cache, None)  # a prompt
-        assert not fused_decode.fits(block, torch.randn(kernels.MAX_ROWS + 1, 1, 32), cache, None)
-        assert not fused_decode.fits(block, one, None, None)
+        assert fused_decode.fits(block, one, cache)
+        assert not fused_decode.fits(block, torch.randn(2, 3, 32), cache)  # a prompt
+        assert not fused_decode.fits(block, torch.randn(kernels.MAX_ROWS + 1, 1, 32), cache)
+        assert not fused_decode.fits(block, one, None)
         block.train()
-        assert not fused_decode.fits(block, one, cache, None)  # dropout would be skipped
+        assert not fused_decode.fits(block, one, cache)  # dropout would be skipped
         block.eval()
-    assert not fused_decode.fits(block, one, cache, None)  # autograd on: the kernel has no backward
+    assert not fused_decode.fits(block, one, cache)  # autograd on: the kernel has no backward
 
 
 def test_a_full_cache_is_refused_with_the_module_paths_message(kernel):
@@ -265,3 +267,111 @@ def test_the_operator_checks_its_other_inputs(kernel):
     no_weight[2] = None
     with pytest.raises(RuntimeError, match="a weight is missing"):
         call(params=no_weight)
+
+
+# ---------------------------------------------------------------- encoder-decoder blocks
+
+SEQ2SEQ_LAYOUTS = {
+    "bart": dict(position="learned", norm_position="post", bias=True, embedding_norm=True, lm_head_bias=True),
+    "pre_norm": dict(position="sinusoidal", bias=True),
+    "t5ish": dict(position="rope", norm="rmsnorm", activation="swiglu", bias=False, n_kv_head=2),
+}
+SOURCES = [[5, 9, 2, 7, 3, 8], [4, 8, 1], [6, 6, 2, 1]]  # padded to 6: the encoder mask matters
+
+
+def build_seq2seq(layout: str, int8: bool = False) -> LanguageModel:
+    torch.manual_seed(0)
+    config = ModelConfig(**{**BASE, "n_layer": 1}, arch="encoder-decoder", n_decoder_layer=2, eos_token_id=1,
+                         pad_token_id=0, decoder_start_token_id=2, **SEQ2SEQ_LAYOUTS[layout])
+    model = LanguageModel(config).eval()
+    return quantize_int8(model) if int8 else model
+
+
+@torch.no_grad()
+def seq2seq_steps(model: LanguageModel, fused: bool, beams: int = 1, steps: int = 4):
+    """Logits of `steps` decoder tokens after the encoder, each source's rows repeated `beams`
+    times (the encoder's keys shared by them, as beam search shares them), and the caches."""
+    from lmforge.generate import _right_pad
+
+    with decoding_path(fused):
+        ids, mask = _right_pad(SOURCES, 0)
+        memory = model.encode(ids, mask)
+        rows = len(SOURCES) * beams
+        cache = model.new_cache(rows, steps)
+        logits = []
+        for step in range(steps):
+            tokens = ((11 + step + 7 * torch.arange(rows)) % model.config.vocab_size)[:, None]
+            out = model(None, mask, decoder_input_ids=tokens, cache=cache, encoder_output=memory, last_only=True)
+            logits.append(out.logits[:, -1])
+        tensors = [t for layer in cache.layers for t in (layer.keys, layer.values, *layer.cross)]
+        return torch.stack(logits, 1), tensors
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+@pytest.mark.parametrize("layout", sorted(SEQ2SEQ_LAYOUTS))
+def test_fused_encoder_decoder_step_equals_the_module_path(kernel, fused_calls, layout, int8, beams):
+    model = build_seq2seq(layout, int8)
+    fused_logits, fused_cache = seq2seq_steps(model, fused=True, beams=beams)
+    # the first step caches the encoder's keys on the module path; every later block runs fused
+    assert fused_calls == [True] * 6
+    fused_calls.clear()
+    module_logits, module_cache = seq2seq_steps(model, fused=False, beams=beams)
+    assert not fused_calls
+    torch.testing.assert_close(fused_logits, module_logits, rtol=1e-5, atol=1e-5)
+    for fused, module in zip(fused_cache, module_cache, strict=True):
+        torch.testing.assert_close(fused, module, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["bart", "pre_norm"])
+def test_beam_search_finds_the_same_hypotheses_fused_or_not(kernel, fused_calls, layout):
+    from lmforge.beam import BeamConfig, beam_search
+
+    model = build_seq2seq(layout)
+    config = BeamConfig(num_beams=3, num_return_sequences=2, max_length=12)
+    fused = beam_search(model, SOURCES, config, eos_token_id=1, pad_token_id=0)
+    assert any(fused_calls)
+    with decoding_path(fused=False):
+        plain = beam_search(model, SOURCES, config, eos_token_id=1, pad_token_id=0)
+    assert [[h.tokens for h in hyps] for hyps in fused] == [[h.tokens for h in hyps] for hyps in plain]
+    for mine, theirs in zip(fused, plain, strict=True):
+        assert [h.score for h in mine] == pytest.approx([h.score for h in theirs], abs=1e-4)
+
+
+def test_the_operator_checks_the_encoder_inputs(kernel):
+    model = build_seq2seq("bart")
+    _, cache_tensors = seq2seq_steps(model, fused=False, steps=1)
+    block = model.decoder.blocks[0]
+    params, dims, numbers = fused_decode.plan(block)
+    cache = model.new_cache(3, 4).layers[0]
+    keys, values = cache_tensors[2], cache_tensors[3]  # the first layer's encoder keys (3, 4, 6, 8)
+    op = torch.ops.lmforge.decode_block
+    x = torch.randn(3, 32)
+
+    def call(p=params, n=numbers, k=keys, v=values, mask=None):
+        return op(x, p, cache.keys, cache.values, 0, None, None, None, dims, n, k, v, mask)
+
+    call()  # as given: fine
+    call(mask=torch.ones(3, 6, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="needs the encoder's keys, values and their scale"):
+        call(k=None)
+    with pytest.raises(RuntimeError, match="wrong argument count"):
+        call(n=numbers[:2])
+    with pytest.raises(RuntimeError, match=r"cross_mask must be \(S, encoder length\)"):
+        call(mask=torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="must be contiguous float32"):
+        call(k=keys.transpose(1, 2))
+    with pytest.raises(RuntimeError, match="not S sources' beams"):
+        call(k=keys[:2].contiguous(), v=values[:2].contiguous())
+    short = list(params)
+    short[kernels_slot("cross_q")] = short[kernels_slot("cross_q")][:, :-1].contiguous()
+    with pytest.raises(RuntimeError, match="cross-attention weight shapes do not match"):
+        call(p=short)
+    plain = fused_decode.plan(build("gpt2").decoder.blocks[0])
+    with pytest.raises(RuntimeError, match="encoder keys given to a block without cross-attention"):
+        op(x, plain[0], cache.keys, cache.values, 0, None, None, None, plain[1], plain[2], keys, values, None)
+
+
+def kernels_slot(name: str) -> int:
+    """Positions in plan()'s list (csrc/decode.cpp's Slot): 16 for the block, then the cross part."""
+    return {"cross_q": 18}[name]

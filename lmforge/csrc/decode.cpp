@@ -1,5 +1,5 @@
-// One pre-norm decoder block for one new token per sequence, in a single call: the work of a
-// decoding step between two states of the residual stream.
+// One decoder block for one new token per sequence, in a single call: the work of a decoding
+// step between two states of the residual stream.
 //
 // Decoding a token runs ~30 small operations per block on a handful of rows. Each does a few
 // microseconds of arithmetic but costs ~15 µs of Python and dispatch: eager decoding of a
@@ -8,11 +8,16 @@
 // loops around the products of small_matmul.h:
 //
 //   h = norm1(x); q, k, v = h Wqkv (+ rotary on q, k); cache[length] = k, v
-//   x = x + attention(q, cache[0..length]) Wproj;  x = x + act(norm2(x) Wup) Wdown
+//   x = x + attention(q, cache[0..length]) Wproj
+//   [encoder-decoder: x = x + attention(norm_c(x) Wq, encoder keys and values) Wproj_c]
+//   x = x + act(norm2(x) Wup) Wdown
 //
-// Parameters come as one list (model/fused_decode.py fixes the order); missing biases, scales
-// and norm shifts are None. Attention runs one (row, head) pair per task; the rest is serial,
-// as it touches only a few thousand floats.
+// That is pre-norm; post-norm (BART, Marian, the original Transformer) normalises after each
+// residual sum instead: x = norm(x + sublayer(x)). The encoder's keys and values are computed
+// once per source by the module path (the first step) and read here; the beams of a source
+// share them (rows b·S/B .. of S sources). Parameters come as one list (model/fused_decode.py
+// fixes the order); missing biases, scales and norm shifts are None. Attention runs one (row,
+// head) pair per task; the rest is serial, as it touches only a few thousand floats.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -33,7 +38,10 @@ enum Norm { kLayerNorm = 0, kRMSNorm = 1 };
 enum Activation { kGelu = 0, kGeluTanh = 1, kRelu = 2, kSwiglu = 3 };
 // Positions of the parameters in the list.
 enum Slot { kNorm1W, kNorm1B, kQkvW, kQkvS, kQkvB, kProjW, kProjS, kProjB, kNorm2W, kNorm2B, kUpW, kUpS, kUpB,
-            kDownW, kDownS, kDownB, kSlots };
+            kDownW, kDownS, kDownB, kSlots,
+            // a block with cross-attention: 8 more
+            kCrossNormW = kSlots, kCrossNormB, kCrossQW, kCrossQS, kCrossQB, kCrossProjW, kCrossProjS, kCrossProjB,
+            kCrossSlots };
 
 const float* optional_data(const Params& p, Slot slot) {
   const std::optional<at::Tensor> t = p.get(slot);
@@ -93,17 +101,19 @@ float exponentiate(float* scores, int64_t T, float top, const bool* allowed) {
 }
 
 // y (B, H·d) = softmax(q kᵀ · scale) v for each row and head, over keys 0..T-1 of the cache
-// (B, G, capacity, d), skipping keys whose mask (B, T) is false.
-void attend(const float* q, const float* keys, const float* values, const bool* mask, float* y, int64_t B, int64_t H,
-            int64_t G, int64_t capacity, int64_t T, int64_t d, float scale) {
+// (S, G, capacity, d), skipping keys whose mask (S, T) is false. Row b reads source b / (B / S):
+// S = B for a row's own cache, fewer when beams share their source's encoder keys.
+void attend(const float* q, const float* keys, const float* values, const bool* mask, float* y, int64_t B, int64_t S,
+            int64_t H, int64_t G, int64_t capacity, int64_t T, int64_t d, float scale) {
+  const int64_t beams = B / S;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(T);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / H, h = task % H, g = h / (H / G);
+      const int64_t b = task / H, h = task % H, g = h / (H / G), source = b / beams;
       const float* qh = q + task * d;
-      const float* k = keys + (b * G + g) * capacity * d;
-      const float* v = values + (b * G + g) * capacity * d;
-      const bool* allowed = mask ? mask + b * T : nullptr;
+      const float* k = keys + (source * G + g) * capacity * d;
+      const float* v = values + (source * G + g) * capacity * d;
+      const bool* allowed = mask ? mask + source * T : nullptr;
       float top = -INFINITY;
       for (int64_t t = 0; t < T; ++t) {
         scores[t] = (allowed && !allowed[t]) ? -INFINITY : dot(qh, k + t * d, d) * scale;
@@ -144,14 +154,52 @@ void activate(float* u, int64_t M, int64_t width, Activation kind) {
   }
 }
 
+// The encoder-decoder part of a block: its encoder keys and values (S, G, Ts, d), each source's
+// key mask (S, Ts) or none, and the attention scale.
+struct Cross {
+  at::Tensor keys, values, mask;
+  float scale;
+};
+
+Cross check_cross(const Params& params, const std::optional<at::Tensor>& keys, const std::optional<at::Tensor>& values,
+                  const std::optional<at::Tensor>& key_mask, int64_t B, int64_t C, int64_t H, int64_t G, int64_t d,
+                  at::ArrayRef<double> numbers) {
+  TORCH_CHECK(keys && values && numbers.size() == 3,
+              "decode_block: a block with cross-attention needs the encoder's keys, values and their scale");
+  TORCH_CHECK(keys->dim() == 4 && keys->scalar_type() == at::kFloat && keys->is_contiguous() &&
+                  values->sizes() == keys->sizes() && values->scalar_type() == at::kFloat && values->is_contiguous(),
+              "decode_block: the encoder's keys and values must be contiguous float32 (S, kv heads, T, head dim)");
+  const int64_t S = keys->size(0), Ts = keys->size(2);
+  TORCH_CHECK(S > 0 && B % S == 0 && keys->size(1) == G && keys->size(3) == d,
+              "decode_block: the encoder's keys do not match the block, or the rows are not S sources' beams");
+  const at::Tensor mask = key_mask ? key_mask->to(at::kBool).contiguous() : at::Tensor();
+  TORCH_CHECK(!key_mask || (mask.dim() == 2 && mask.size(0) == S && mask.size(1) == Ts),
+              "decode_block: cross_mask must be (S, encoder length)");
+  for (Slot slot : {kCrossQW, kCrossProjW}) {
+    TORCH_CHECK(params.get(slot).has_value() && params.get(slot)->dim() == 2 && params.get(slot)->is_contiguous(),
+                "decode_block: a cross-attention weight is missing");
+  }
+  TORCH_CHECK(params.get(kCrossQW)->size(0) == H * d && params.get(kCrossQW)->size(1) == C &&
+                  params.get(kCrossProjW)->size(0) == C && params.get(kCrossProjW)->size(1) == H * d,
+              "decode_block: cross-attention weight shapes do not match the block");
+  return {*keys, *values, mask, static_cast<float>(numbers[2])};
+}
+
 // x (B, C): the block's input, one token per row. keys/values (B, G, capacity, d): the layer's
 // cache, `length` positions filled; this token's key and value go to position `length`.
 // key_mask (B, length + 1) bool, or None; cos/sin (B, d) rotary tables of each row's position, or
-// None. dims = [heads, kv heads, head dim, norm kind, activation]; numbers = [norm eps, scale].
+// None. dims = [heads, kv heads, head dim, norm kind, activation(, post-norm)]; numbers = [norm
+// eps, scale(, cross-attention scale)]. With cross-attention, params has kCrossSlots entries and
+// cross_keys/cross_values/cross_mask are Cross's.
 at::Tensor decode_block(const at::Tensor& input, const Params& params, const at::Tensor& keys, const at::Tensor& values,
                         int64_t length, const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& cos,
-                        const std::optional<at::Tensor>& sin, at::IntArrayRef dims, at::ArrayRef<double> numbers) {
-  TORCH_CHECK(params.size() == kSlots && dims.size() == 5 && numbers.size() == 2, "decode_block: wrong argument count");
+                        const std::optional<at::Tensor>& sin, at::IntArrayRef dims, at::ArrayRef<double> numbers,
+                        const std::optional<at::Tensor>& cross_keys, const std::optional<at::Tensor>& cross_values,
+                        const std::optional<at::Tensor>& cross_mask) {
+  const bool has_cross = params.size() == kCrossSlots;
+  TORCH_CHECK((params.size() == kSlots || has_cross) && (dims.size() == 5 || dims.size() == 6) &&
+                  numbers.size() == (has_cross ? 3u : 2u),
+              "decode_block: wrong argument count");
   TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kFloat, "decode_block: x must be (B, C) float32");
   TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.scalar_type() == at::kFloat,
               "decode_block: the cache must be contiguous float32");
@@ -172,6 +220,7 @@ at::Tensor decode_block(const at::Tensor& input, const Params& params, const at:
   TORCH_CHECK(dims[4] >= kGelu && dims[4] <= kSwiglu, "decode_block: unknown activation code");
   const Norm norm = Norm(dims[3]);
   const Activation act = Activation(dims[4]);
+  const bool post_norm = dims.size() == 6 && dims[5] != 0;
   const double eps = numbers[0];
   const float scale = static_cast<float>(numbers[1]);
 
@@ -200,13 +249,41 @@ at::Tensor decode_block(const at::Tensor& input, const Params& params, const at:
                   vector_fits(kProjB, C, false) && vector_fits(kUpS, up_width, false) &&
                   vector_fits(kUpB, up_width, false) && vector_fits(kDownS, C, false) && vector_fits(kDownB, C, false),
               "decode_block: norm weights, biases and scales must be contiguous float32 vectors of the block's widths");
+  std::optional<Cross> cross;
+  if (has_cross) {
+    TORCH_CHECK(vector_fits(kCrossNormW, C, true) && vector_fits(kCrossNormB, C, false) &&
+                    vector_fits(kCrossQS, H * d, false) && vector_fits(kCrossQB, H * d, false) &&
+                    vector_fits(kCrossProjS, C, false) && vector_fits(kCrossProjB, C, false),
+                "decode_block: norm weights, biases and scales must be contiguous float32 vectors of the block's widths");
+    cross = check_cross(params, cross_keys, cross_values, cross_mask, B, C, H, G, d, numbers);
+  } else {
+    TORCH_CHECK(!cross_keys && !cross_values && !cross_mask, "decode_block: encoder keys given to a block without "
+                "cross-attention");
+  }
   const at::Tensor mask = key_mask ? key_mask->to(at::kBool).contiguous() : at::Tensor();
   TORCH_CHECK(!key_mask || (mask.dim() == 2 && mask.size(0) == B && mask.size(1) == T),
               "decode_block: key_mask must be (B, length + 1)");
-  std::vector<float> h(B * C), qkv(B * qkv_width), q(B * H * d), y(B * H * d), u(B * up_width);
+  std::vector<float> h(B * C), qkv(B * qkv_width), q(B * H * d), y(B * H * d), u(B * up_width), delta(B * C);
 
-  normalize(x.data_ptr<float>(), h.data(), optional_data(params, kNorm1W), optional_data(params, kNorm1B), B, C, norm, eps);
-  product(params, kQkvW, h.data(), qkv.data(), B);
+  // A sublayer reads norm(x) (pre-norm) or x itself (post-norm); its output joins the residual
+  // stream, which post-norm then normalises.
+  float* result = out.data_ptr<float>();
+  std::copy(x.data_ptr<float>(), x.data_ptr<float>() + B * C, result);
+  auto sublayer_input = [&](Slot norm_weight) -> const float* {
+    if (post_norm) return result;
+    normalize(result, h.data(), optional_data(params, norm_weight), optional_data(params, Slot(norm_weight + 1)), B,
+              C, norm, eps);
+    return h.data();
+  };
+  auto add_residual = [&](Slot norm_weight) {
+    for (int64_t i = 0; i < B * C; ++i) result[i] += delta[i];
+    if (post_norm) {
+      normalize(result, result, optional_data(params, norm_weight), optional_data(params, Slot(norm_weight + 1)), B,
+                C, norm, eps);  // row by row, each read whole before it is written
+    }
+  };
+
+  product(params, kQkvW, sublayer_input(kNorm1W), qkv.data(), B);
   float *key_data = keys.data_ptr<float>(), *value_data = values.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
     float* row = qkv.data() + b * qkv_width;
@@ -222,20 +299,25 @@ at::Tensor decode_block(const at::Tensor& input, const Params& params, const at:
       std::copy(row + (H + G + g) * d, row + (H + G + g + 1) * d, value_data + at);
     }
   }
-  attend(q.data(), key_data, value_data, key_mask ? mask.data_ptr<bool>() : nullptr, y.data(), B, H, G, capacity, T, d,
-         scale);
+  attend(q.data(), key_data, value_data, key_mask ? mask.data_ptr<bool>() : nullptr, y.data(), B, B, H, G, capacity, T,
+         d, scale);
+  product(params, kProjW, y.data(), delta.data(), B);
+  add_residual(kNorm1W);
 
-  float* result = out.data_ptr<float>();
-  product(params, kProjW, y.data(), result, B);
-  const float* in = x.data_ptr<float>();
-  for (int64_t i = 0; i < B * C; ++i) result[i] += in[i];  // the residual stream after attention
+  if (cross) {
+    product(params, kCrossQW, sublayer_input(kCrossNormW), q.data(), B);
+    const int64_t S = cross->keys.size(0), Ts = cross->keys.size(2);
+    attend(q.data(), cross->keys.data_ptr<float>(), cross->values.data_ptr<float>(),
+           cross->mask.defined() ? cross->mask.data_ptr<bool>() : nullptr, y.data(), B, S, H, G, Ts, Ts, d,
+           cross->scale);
+    product(params, kCrossProjW, y.data(), delta.data(), B);
+    add_residual(kCrossNormW);
+  }
 
-  normalize(result, h.data(), optional_data(params, kNorm2W), optional_data(params, kNorm2B), B, C, norm, eps);
-  product(params, kUpW, h.data(), u.data(), B);
+  product(params, kUpW, sublayer_input(kNorm2W), u.data(), B);
   activate(u.data(), B, ffn_width, act);
-  std::vector<float> down(B * C);
-  product(params, kDownW, u.data(), down.data(), B);
-  for (int64_t i = 0; i < B * C; ++i) result[i] += down[i];
+  product(params, kDownW, u.data(), delta.data(), B);
+  add_residual(kNorm2W);
   return out;
 }
 
@@ -243,7 +325,8 @@ at::Tensor decode_block(const at::Tensor& input, const Params& params, const at:
 
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
   m.def("decode_block(Tensor x, Tensor?[] params, Tensor(a!) keys, Tensor(b!) values, SymInt length, Tensor? key_mask, "
-        "Tensor? cos, Tensor? sin, int[] dims, float[] numbers) -> Tensor");
+        "Tensor? cos, Tensor? sin, int[] dims, float[] numbers, Tensor? cross_keys=None, Tensor? cross_values=None, "
+        "Tensor? cross_mask=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) { m.impl("decode_block", &decode_block); }

@@ -130,7 +130,8 @@ class Attention(nn.Module):
                 k, v = cache.cross
             else:
                 k, v = (self._heads(t, self.n_kv_head).transpose(1, 2) for t in self.kv(memory).split(kv_width, dim=-1))
-                if cache is not None:
+                if cache is not None:  # laid out (S, heads, T, hd) in memory, as the fused decoding step reads them
+                    k, v = k.contiguous(), v.contiguous()
                     cache.cross = (k, v)
             group = B // k.shape[0]
             if group > 1:  # beams of one source share its keys and values: its rows' queries go together

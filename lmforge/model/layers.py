@@ -85,8 +85,8 @@ class Block(nn.Module):
         memory: torch.Tensor | None = None,
         memory_ctx: AttentionContext | None = None,
     ) -> torch.Tensor:
-        if fused_decode.fits(self, x, cache, memory):  # one new token: the whole block in one C++ call
-            out = fused_decode.run(self, x, ctx, cache)
+        if fused_decode.fits(self, x, cache):  # one new token: the whole block in one C++ call
+            out = fused_decode.run(self, x, ctx, cache, memory_ctx)
             if out is not None:
                 return out
         x = self._residual(x, self.attn_norm, lambda h: self.attn(h, ctx, cache))
