@@ -44,6 +44,7 @@ SHAPE = dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_
              encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_position_embeddings=256)
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0..4
 VOCAB = 10000
+TRAINING: dict = {}  # --train-minutes: what timed_fit reports
 
 
 def random_bart(folder: Path):
@@ -92,7 +93,7 @@ def trained_model(minutes: float, folder: Path) -> Path:
     options = {**TRANSFORMER, **bart_layout, **TRAIN, "task": "translate", "out": str(out),
                "source_file": str(MULTI30K / "train.en"), "target_file": str(MULTI30K / "train.de"),
                "val_source_file": str(MULTI30K / "val.en"), "val_target_file": str(MULTI30K / "val.de")}
-    timed_fit(options, minutes * 60)
+    TRAINING.update(timed_fit(options, minutes * 60))
     return out
 
 
@@ -102,7 +103,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         if args.train_minutes:
-            args.model = str(trained_model(args.train_minutes, Path(tmp)))
+            args.model = str(trained_model(args.train_minutes, Path(args.keep_model or tmp)))
         if args.model:
             hf, model, encode = given_model(Path(args.model), Path(tmp))
         else:
@@ -149,6 +150,7 @@ def run(args) -> dict:
         "command": command_line("beam_bench.py", sys.argv[1:]),
         "machine": machine(),
         "model": model_name(args),
+        **({"training": TRAINING} if TRAINING else {}),
         "parameters": sum(p.numel() for p in model.parameters()),
         "sentences": n, "batch": args.batch, "beam": args.beam,
         "lengths": f"exactly {args.length} new tokens" if fixed else f"at most {args.length} new tokens",
@@ -162,7 +164,7 @@ def run(args) -> dict:
 def model_name(args) -> str:
     if args.train_minutes:
         return (f"seq2seq_bench.py's Transformer (3+3 × 256, vocab 8000) in BART's layout, trained "
-                f"{args.train_minutes:g} minutes on Multi30k")
+                f"{args.train_minutes:g} minutes ({TRAINING.get('steps', 0):,} steps) on Multi30k")
     return args.model or "random BART-shaped " + ", ".join(f"{k}={v}" for k, v in SHAPE.items()) + f", vocab {VOCAB}"
 
 
@@ -185,6 +187,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a model folder (lmforge or Hugging Face); default: a random BART-shaped one")
     parser.add_argument("--train-minutes", type=float, help="train seq2seq_bench's Transformer, BART layout, this long")
+    parser.add_argument("--keep-model", help="with --train-minutes: train in this folder, and keep it")
     parser.add_argument("--sentences", type=int, default=1000, help="the first N sentences of test_2016_flickr")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--beam", type=int, default=5)
