@@ -143,12 +143,12 @@ def test_the_plan_follows_quantisation_in_place(kernel):
 def test_only_inference_on_a_few_single_token_rows_is_fused(kernel):
     model = build("default")
     block = model.decoder.blocks[0]
-    cache = model.new_cache(kernels.MAX_ROWS + 1, 8).layers[0]
+    cache = model.new_cache(kernels.MAX_DECODE_ROWS + 1, 8).layers[0]
     one = torch.randn(2, 1, 32)
     with torch.no_grad():
         assert fused_decode.fits(block, one, cache)
         assert not fused_decode.fits(block, torch.randn(2, 3, 32), cache)  # a prompt
-        assert not fused_decode.fits(block, torch.randn(kernels.MAX_ROWS + 1, 1, 32), cache)
+        assert not fused_decode.fits(block, torch.randn(kernels.MAX_DECODE_ROWS + 1, 1, 32), cache)
         assert not fused_decode.fits(block, one, None)
         block.train()
         assert not fused_decode.fits(block, one, cache)  # dropout would be skipped
@@ -220,7 +220,7 @@ def test_wider_heads_and_a_full_batch(kernel, fused_calls, int8):
     torch.manual_seed(1)
     model = LanguageModel(ModelConfig(**{**BASE, "n_embd": 36, "n_head": 3}, position="rope")).eval()
     model = quantize_int8(model) if int8 else model
-    prompts = [[i % 60 + 1] * (i % 3 + 1) for i in range(kernels.MAX_ROWS)]  # left padding of 0–2
+    prompts = [[i % 60 + 1] * (i % 3 + 1) for i in range(kernels.MAX_DECODE_ROWS)]  # left padding of 0–2
     ids = torch.tensor([[0] * (3 - len(p)) + p for p in prompts])
     mask = (torch.arange(3) >= 3 - torch.tensor([len(p) for p in prompts])[:, None]).long()
     fused, _ = stepwise(model, fused=True, ids=ids, mask=mask)

@@ -97,7 +97,7 @@ def fits(block: nn.Module, x: torch.Tensor, cache: LayerCache | None) -> bool:
         return False
     if torch.is_autocast_enabled("cpu"):  # the module path would run parts of the step in bf16
         return False
-    if x.shape[0] > kernels.MAX_ROWS or cache.keys.dtype != torch.float32:
+    if x.shape[0] > kernels.MAX_DECODE_ROWS or cache.keys.dtype != torch.float32:
         return False
     return kernels.available()
 
