@@ -94,8 +94,14 @@ def test_fused_step_equals_the_module_path(kernel, fused_calls, layout, int8):
     model = build(layout, int8)
     fused_logits, fused_cache = stepwise(model, fused=True)
     assert fused_calls and all(fused_calls)  # every block of every step ran fused
+    assert_same_as_module_path(fused_calls, fused_logits, fused_cache, lambda: stepwise(model, fused=False))
+
+
+def assert_same_as_module_path(fused_calls: list, fused_logits, fused_cache, module_path) -> None:
+    """The module path's logits and cache (from `module_path()`, which must not run fused) equal
+    the fused ones."""
     fused_calls.clear()
-    module_logits, module_cache = stepwise(model, fused=False)
+    module_logits, module_cache = module_path()
     assert not fused_calls
     torch.testing.assert_close(fused_logits, module_logits, rtol=1e-5, atol=1e-5)
     for fused, module in zip(fused_cache, module_cache, strict=True):
@@ -315,12 +321,8 @@ def test_fused_encoder_decoder_step_equals_the_module_path(kernel, fused_calls, 
     fused_logits, fused_cache = seq2seq_steps(model, fused=True, beams=beams)
     # the first step caches the encoder's keys on the module path; every later block runs fused
     assert fused_calls == [True] * 6
-    fused_calls.clear()
-    module_logits, module_cache = seq2seq_steps(model, fused=False, beams=beams)
-    assert not fused_calls
-    torch.testing.assert_close(fused_logits, module_logits, rtol=1e-5, atol=1e-5)
-    for fused, module in zip(fused_cache, module_cache, strict=True):
-        torch.testing.assert_close(fused, module, rtol=1e-5, atol=1e-6)
+    assert_same_as_module_path(fused_calls, fused_logits, fused_cache,
+                               lambda: seq2seq_steps(model, fused=False, beams=beams))
 
 
 @pytest.mark.parametrize("layout", ["bart", "pre_norm"])
