@@ -72,13 +72,13 @@ def given_model(path: Path, folder: Path):
     kind; a translation run's folder encodes sources as it was trained to (seq2seq/data.py's Sides)."""
     import transformers
 
-    from lmforge.evaluate.seq2seq import load_seq2seq
     from lmforge.interop import is_hf_folder, to_hf
-    from lmforge.model_folder import load_model
+    from lmforge.model_folder import load_model, read_task
+    from lmforge.seq2seq.data import Sides
 
     model, tokenizer = load_model(path)
     hf_dir = path if is_hf_folder(path) else to_hf(model, tokenizer, folder)
-    _, sides, _ = load_seq2seq(path)
+    sides = Sides.from_task(read_task(path), tokenizer)  # as evaluate/seq2seq.py's load_seq2seq, without a second load
     encode = lambda texts: sides.encode_sources(texts, model.config.block_size)  # noqa: E731
     return transformers.AutoModelForSeq2SeqLM.from_pretrained(hf_dir).eval(), model.eval(), encode
 

@@ -108,7 +108,8 @@ def vocabulary_loss(head: LMHead | MLMHead, hidden: torch.Tensor, labels: torch.
     """Mean cross-entropy of head(hidden) against labels (-100: no target), the same number
     F.cross_entropy gives, without holding every logit when they would pass LOSS_CHUNK: only
     rows with a target go through the head, LOSS_CHUNK of logits at a time, and their
-    gradients are taken on the way (so backward only scales them). Small vocabularies, autocast,
+    gradients are taken on the way (so backward only scales them); without gradients, in tiles
+    of TILE_ROWS × TILE_COLUMNS. Small vocabularies, autocast,
     torch.compile (which plans memory itself) and other projections keep the plain path."""
     proj, flat = head.proj, labels.flatten()
     plain = (flat.numel() * proj.out_features <= LOSS_CHUNK or type(proj) is not Linear
@@ -118,8 +119,8 @@ def vocabulary_loss(head: LMHead | MLMHead, hidden: torch.Tensor, labels: torch.
         return token_loss(head(hidden), labels)
     keep = flat != -100
     features, targets = head.features(hidden.flatten(0, -2)[keep]), flat[keep]
-    rows = max(1, LOSS_CHUNK // proj.out_features)
     if torch.is_grad_enabled():
+        rows = max(1, LOSS_CHUNK // proj.out_features)
         return _ChunkedCrossEntropy.apply(features, proj.weight, proj.bias, targets, rows)
     total = features.new_zeros(())
     for f, t in zip(features.split(TILE_ROWS), targets.split(TILE_ROWS), strict=True):
