@@ -68,7 +68,14 @@ MAX_INT8_ROWS = 128
 # over 320 Multi30k sentences ran 1.2–1.45× faster with the step fused up to 128 rows than up
 # to 64. Measured on AVX2 only: where MKL has AVX-512 and the tiles do not, the step keeps
 # MAX_ROWS.
-MAX_DECODE_ROWS = 128 if cpu_capability() == "AVX2" else MAX_ROWS
+
+
+def decode_row_limit(capability: str) -> int:
+    """The most rows a fused decoding step takes on a CPU of this capability (see above)."""
+    return 128 if capability == "AVX2" else MAX_ROWS
+
+
+MAX_DECODE_ROWS = decode_row_limit(cpu_capability())
 
 _available: bool | None = None
 

@@ -162,6 +162,13 @@ def test_only_inference_on_a_few_single_token_rows_is_fused(kernel):
     assert not fused_decode.fits(block, one, cache)  # autograd on: the kernel has no backward
 
 
+def test_the_fused_step_takes_more_rows_than_plain_products_on_avx2_only():
+    """128 rows was measured on AVX2; where MKL has AVX-512 the step keeps the products' limit."""
+    assert kernels.decode_row_limit("AVX2") == 128 > kernels.MAX_ROWS
+    assert kernels.decode_row_limit("AVX512") == kernels.MAX_ROWS
+    assert kernels.decode_row_limit("DEFAULT") == kernels.MAX_ROWS
+
+
 def test_a_full_cache_is_refused_with_the_module_paths_message(kernel):
     model = build("default")
     cache = model.new_cache(1, 3)
