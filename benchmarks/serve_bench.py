@@ -21,6 +21,7 @@ and the table in README.md. Never asserts a time.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -85,24 +86,17 @@ def stop_server(server: subprocess.Popen) -> None:
 
 
 def one_request(url: str, prompt: str, max_tokens: int) -> dict:
-    """Stream one completion; token arrival times as the client sees them."""
+    """Stream one completion with `requests` (a thread per client); token arrival times as the client sees them."""
     start = time.perf_counter()
     times, tokens = [], 0
     try:
-        with requests.post(url + "/v1/completions", stream=True, timeout=600, json={
-                "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}) as r:
+        with requests.post(url + "/v1/completions", stream=True, timeout=600,
+                           json=completion_body(prompt, max_tokens)) as r:
             if r.status_code != 200:
                 return {"ok": False, "status": r.status_code}
             usage = None
             for line in r.iter_lines():
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    usage = chunk["usage"]["completion_tokens"]
-                if chunk["choices"] and chunk["choices"][0]["text"]:
-                    times.append(time.perf_counter())
+                usage = read_event(line, times, usage)
             tokens = usage or 0
     except requests.RequestException as exc:
         return {"ok": False, "status": type(exc).__name__}
@@ -110,21 +104,60 @@ def one_request(url: str, prompt: str, max_tokens: int) -> dict:
             "end": time.perf_counter()}
 
 
+async def one_request_async(session, url: str, prompt: str, max_tokens: int) -> dict:
+    """The same request from an asyncio client (aiohttp): one thread reads every stream."""
+    import aiohttp
+
+    start = time.perf_counter()
+    times, usage = [], None
+    try:
+        async with session.post(url + "/v1/completions", json=completion_body(prompt, max_tokens)) as r:
+            if r.status != 200:
+                return {"ok": False, "status": r.status}
+            async for line in r.content:
+                usage = read_event(line.rstrip(b"\r\n"), times, usage)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        return {"ok": False, "status": type(exc).__name__}
+    tokens = usage or 0
+    return {"ok": tokens == max_tokens, "status": 200, "tokens": tokens, "start": start, "times": times,
+            "end": time.perf_counter()}
+
+
+def completion_body(prompt: str, max_tokens: int) -> dict:
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+
+def read_event(line: bytes, times: list[float], usage: int | None) -> int | None:
+    """One server-sent event line: note when a token's text arrived; return the usage count if given."""
+    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+        return usage
+    chunk = json.loads(line[6:])
+    if chunk.get("usage"):
+        usage = chunk["usage"]["completion_tokens"]
+    if chunk["choices"] and chunk["choices"][0]["text"]:
+        times.append(time.perf_counter())
+    return usage
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
 
 
-def run_load(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
+def run_load(url: str, clients: int, per_client: int, max_tokens: int, client: str) -> dict:
     """One round: every client sends its requests in turn; raw latencies kept for pooling."""
     prompts = [f"Client {i}: To be, or not to be, that is the question" for i in range(clients)]
     one_request(url, "warm up", 4)
     begin = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        runs = list(pool.map(lambda i: [one_request(url, prompts[i], max_tokens) for _ in range(per_client)],
-                             range(clients)))
+    if client == "threads":
+        with ThreadPoolExecutor(clients) as pool:
+            runs = list(pool.map(lambda i: [one_request(url, prompts[i], max_tokens) for _ in range(per_client)],
+                                 range(clients)))
+    else:
+        runs = asyncio.run(_async_load(url, prompts, per_client, max_tokens))
     wall = time.perf_counter() - begin
-    results = [r for client in runs for r in client]
+    results = [r for client_runs in runs for r in client_runs]
     good = [r for r in results if r["ok"]]
     generated = sum(r["tokens"] for r in good)
     return {"requests": len(results), "failed": len(results) - len(good),
@@ -132,6 +165,17 @@ def run_load(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
             "tokens_per_s": generated / wall,
             "ttft": [r["times"][0] - r["start"] for r in good if r["times"]],
             "gaps": [b - a for r in good for a, b in zip(r["times"], r["times"][1:], strict=False)]}
+
+
+async def _async_load(url: str, prompts: list[str], per_client: int, max_tokens: int) -> list[list[dict]]:
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=600)) as session:
+        async def client(prompt: str) -> list[dict]:
+            return [await one_request_async(session, url, prompt, max_tokens) for _ in range(per_client)]
+
+        return await asyncio.gather(*(client(p) for p in prompts))
 
 
 def summarize(rounds: list[dict], clients: int) -> dict:
@@ -202,7 +246,8 @@ def benchmark(args) -> dict:
             rounds: dict[str, list] = {label: [] for label in servers}
             for _ in range(args.rounds):
                 for label in servers:
-                    rounds[label].append(run_load(urls[label], args.clients, args.requests, args.max_tokens))
+                    rounds[label].append(
+                        run_load(urls[label], args.clients, args.requests, args.max_tokens, args.client))
             for label, batch in servers.items():
                 out[label] = {"max_batch": batch, **summarize(rounds[label], args.clients)}
             if args.malformed:
@@ -247,6 +292,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--client", choices=["asyncio", "threads"], default="asyncio",
+                        help="load generator: one asyncio thread (aiohttp) reading every stream, or a thread per "
+                             "client (requests). Both share the server's two cores; the threads cost more CPU")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of load on each server")
     parser.add_argument("--malformed", type=int, default=5000, help="malformed requests to send (0: skip)")
     parser.add_argument("--port", type=int, default=8917)
@@ -256,7 +304,8 @@ def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     result = {"benchmark": f"lmforge serve, {args.clients} streaming clients, random-weight decoder {SHAPE}",
               "command": command_line("serve_bench.py", sys.argv[1:]), "machine": machine(),
-              "settings": {"clients": args.clients, "requests_per_client": args.requests, "rounds": args.rounds,
+              "settings": {"client": args.client,
+                           "clients": args.clients, "requests_per_client": args.requests, "rounds": args.rounds,
                            "max_tokens": args.max_tokens, "model": SHAPE}}
     result.update(benchmark(args))
     report("serve", result, markdown(result), args.json_out, args.readme)

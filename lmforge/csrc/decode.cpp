@@ -100,6 +100,55 @@ float exponentiate(float* scores, int64_t T, float top, const bool* allowed) {
   return total;
 }
 
+// One row and head: softmax(q kᵀ · scale) v over T keys (`scores` has room for T), for head
+// widths of NV × 8: the output's NV vectors stay in registers while the weighted values are
+// summed, and the softmax's division is left to the end.
+template <int NV>
+void attend_head(const float* qh, const float* k, const float* v, const bool* allowed, float* out, int64_t T,
+                 float scale, float* scores) {
+  constexpr int64_t d = NV * 8;
+  __m256 qv[NV];
+  for (int i = 0; i < NV; ++i) qv[i] = _mm256_mul_ps(_mm256_loadu_ps(qh + 8 * i), _mm256_set1_ps(scale));
+  float top = -INFINITY;
+  for (int64_t t = 0; t < T; ++t) {
+    if (allowed && !allowed[t]) {
+      scores[t] = -INFINITY;
+      continue;
+    }
+    __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(k + t * d));
+    for (int i = 1; i < NV; ++i) a = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k + t * d + 8 * i), a);
+    scores[t] = lmforge_vec::horizontal_add(a);
+    top = std::max(top, scores[t]);
+  }
+  const float total = exponentiate(scores, T, top, allowed);
+  __m256 acc[NV];
+  for (int i = 0; i < NV; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < T; ++t) {
+    if (scores[t] == 0.0f) continue;
+    const __m256 p = _mm256_set1_ps(scores[t]);
+    for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + t * d + 8 * i), acc[i]);
+  }
+  const __m256 inverse = _mm256_set1_ps(1.0f / total);
+  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], inverse));
+}
+
+// Any other head width.
+void attend_head_any(const float* qh, const float* k, const float* v, const bool* allowed, float* out, int64_t T,
+                     int64_t d, float scale, float* scores) {
+  float top = -INFINITY;
+  for (int64_t t = 0; t < T; ++t) {
+    scores[t] = (allowed && !allowed[t]) ? -INFINITY : dot(qh, k + t * d, d) * scale;
+    top = std::max(top, scores[t]);
+  }
+  const float total = exponentiate(scores, T, top, allowed);
+  std::fill(out, out + d, 0.0f);
+  for (int64_t t = 0; t < T; ++t) {
+    const float p = scores[t] / total;
+    if (p == 0.0f) continue;
+    for (int64_t i = 0; i < d; ++i) out[i] += p * v[t * d + i];
+  }
+}
+
 // y (B, H·d) = softmax(q kᵀ · scale) v for each row and head, over keys 0..T-1 of the cache
 // (S, G, capacity, d), skipping keys whose mask (S, T) is false. Row b reads source b / (B / S):
 // S = B for a row's own cache, fewer when beams share their source's encoder keys.
@@ -114,18 +163,12 @@ void attend(const float* q, const float* keys, const float* values, const bool* 
       const float* k = keys + (source * G + g) * capacity * d;
       const float* v = values + (source * G + g) * capacity * d;
       const bool* allowed = mask ? mask + source * T : nullptr;
-      float top = -INFINITY;
-      for (int64_t t = 0; t < T; ++t) {
-        scores[t] = (allowed && !allowed[t]) ? -INFINITY : dot(qh, k + t * d, d) * scale;
-        top = std::max(top, scores[t]);
-      }
-      const float total = exponentiate(scores.data(), T, top, allowed);
       float* out = y + task * d;
-      std::fill(out, out + d, 0.0f);
-      for (int64_t t = 0; t < T; ++t) {
-        const float p = scores[t] / total;
-        if (p == 0.0f) continue;
-        for (int64_t i = 0; i < d; ++i) out[i] += p * v[t * d + i];
+      switch (d) {
+        case 32: attend_head<4>(qh, k, v, allowed, out, T, scale, scores.data()); break;
+        case 64: attend_head<8>(qh, k, v, allowed, out, T, scale, scores.data()); break;
+        case 128: attend_head<16>(qh, k, v, allowed, out, T, scale, scores.data()); break;
+        default: attend_head_any(qh, k, v, allowed, out, T, d, scale, scores.data());
       }
     }
   });

@@ -63,17 +63,17 @@ constexpr int64_t kLineElements = 64 / sizeof(W);
 // R rows of x (R <= 4) times C consecutive weight rows (C <= 3) from w0, into out[r][c]: each
 // weight vector is loaded (and converted) once for R rows, and each x vector once for C weight
 // rows, so the loop does R·C multiply-adds per R + C loads (4 × 3: twelve accumulators, three
-// weights and one x vector fill the sixteen registers). If `next` is given, the C weight rows
-// after these are prefetched meanwhile, so that reading them from memory overlaps this tile's
-// arithmetic instead of following it.
+// weights and one x vector fill the sixteen registers). Meanwhile the columns p0 .. p1 - 1 of the
+// C weight rows at `next` (null: none) are prefetched, so that reading later weights from memory
+// overlaps this tile's arithmetic instead of following it.
 template <typename W, int R, int C>
-inline void tile(const float* x, const W* w0, int64_t K, float out[R][C], const W* next) {
+inline void tile(const float* x, const W* w0, int64_t K, float out[R][C], const W* next, int64_t p0, int64_t p1) {
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    if (next && k % kLineElements<W> == 0) {
+    if (next && k >= p0 && k < p1 && k % kLineElements<W> == 0) {
       for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(next + c * K + k), _MM_HINT_T0);
     }
     __m256 wv[C];
@@ -96,23 +96,27 @@ inline void tile(const float* x, const W* w0, int64_t K, float out[R][C], const 
 // Rows m0 .. m0 + R - 1 of y for the weight rows n .. n + C - 1.
 template <typename W, int R, int C>
 inline void tile_into(const float* x, const W* w, const float* scales, const float* bias, float* y, int64_t m0,
-                      int64_t n, int64_t N, int64_t K, const W* next) {
+                      int64_t n, int64_t N, int64_t K, const W* next, int64_t p0, int64_t p1) {
   float out[R][C];
-  tile<W, R, C>(x + m0 * K, w + n * K, K, out, next);
+  tile<W, R, C>(x + m0 * K, w + n * K, K, out, next, p0, p1);
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) y[(m0 + r) * N + n + c] = finish(out[r][c], scales, bias, n + c);
   }
 }
 
 // Every row of y for the weight rows n .. n + C - 1: tiles of four rows of x, then two, then
-// one. The last tile prefetches `next` (the following group's weights, or null).
+// one. Each tile prefetches its equal share of `next` (a later group's weights, or null): one
+// prefetch every few loads keeps the loads of the arithmetic flowing, where the whole group at
+// once in the last tile stalled it.
 template <typename W, int C>
 inline void weight_group(const float* x, const W* w, const float* scales, const float* bias, float* y, int64_t M,
                          int64_t n, int64_t N, int64_t K, const W* next) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile_into<W, 4, C>(x, w, scales, bias, y, m, n, N, K, m + 4 == M ? next : nullptr);
-  for (; m + 2 <= M; m += 2) tile_into<W, 2, C>(x, w, scales, bias, y, m, n, N, K, m + 2 == M ? next : nullptr);
-  if (m < M) tile_into<W, 1, C>(x, w, scales, bias, y, m, n, N, K, next);
+  const int64_t tiles = M / 4 + (M % 4) / 2 + M % 2;
+  int64_t m = 0, t = 0;
+  auto share = [&](int64_t i) { return K * i / tiles; };
+  for (; m + 4 <= M; m += 4, ++t) tile_into<W, 4, C>(x, w, scales, bias, y, m, n, N, K, next, share(t), share(t + 1));
+  for (; m + 2 <= M; m += 2, ++t) tile_into<W, 2, C>(x, w, scales, bias, y, m, n, N, K, next, share(t), share(t + 1));
+  if (m < M) tile_into<W, 1, C>(x, w, scales, bias, y, m, n, N, K, next, share(t), share(t + 1));
 }
 
 // From 2 rows of x on, the tiles win; one row reads its weights fastest as plain dots (the 32
@@ -125,6 +129,11 @@ constexpr int64_t kTiledFromRows = 2;
 // (the minimum of 30, a standalone copy of the loop, three runs; docs/notes.md).
 constexpr int64_t kGroup = 3;
 
+// How many groups ahead the weights are prefetched: one group's arithmetic at 16 rows is too short
+// to hide a read from memory. The 32 products of an 8 × 512 model at 16 rows, a standalone copy,
+// medians of 300 interleaved passes: see docs/notes.md (twelfth session).
+constexpr int64_t kPrefetchGroups = 2;
+
 template <typename W>
 void matmul_rows(const float* x, const W* w, const float* scales, const float* bias, float* y, int64_t M,
                  int64_t N, int64_t K) {
@@ -132,7 +141,7 @@ void matmul_rows(const float* x, const W* w, const float* scales, const float* b
     const int64_t groups = N / kGroup;
     at::parallel_for(0, groups, 16, [&](int64_t first, int64_t last) {  // each thread: one contiguous range
       for (int64_t g = first; g < last; ++g) {
-        const W* next = g + 1 < last ? w + (g + 1) * kGroup * K : nullptr;
+        const W* next = g + kPrefetchGroups < last ? w + (g + kPrefetchGroups) * kGroup * K : nullptr;
         weight_group<W, kGroup>(x, w, scales, bias, y, M, g * kGroup, N, K, next);
       }
     });

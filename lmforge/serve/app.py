@@ -71,6 +71,7 @@ class Server:
         self.access = Access(settings.api_keys, settings.rate_limit)
         self.output_filter = settings.output_filter
         self.metrics = Metrics(self.engine)
+        self.inbox = None  # respond.Inbox of the serving event loop, made by the first request
 
     def guard(self, request: Request) -> None:
         try:
